@@ -1,0 +1,186 @@
+"""API client: the only module that knows HTTP and Segmind's wire format.
+
+Every call returns an `ApiResponse` (status, decoded body, Retry-After) or
+raises `TransportError`; what to do with it is decided by `policy`.
+The key is attached only to URLs on the configured origin, and redirects are
+never followed, so it cannot leak to another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from batchrunner.policy import parse_retry_after
+
+
+class ApiKey:
+    """The API key, kept out of repr(), str() and tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        value = value.strip()
+        if not value:
+            raise ValueError("empty API key")
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "ApiKey('***')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class ApiResponse:
+    status: int
+    body: Any
+    retry_after_s: float | None = None
+
+
+class TransportError(Exception):
+    """No HTTP answer: connection refused or dropped, timeout, garbled response."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """Deliberate connection limits and timeouts.
+
+    connect: a healthy API answers a TCP/TLS handshake in well under 10 s.
+    read: submit and status answers are small; 60 s without a byte means a
+    stuck connection, which we drop and retry (the retry budget bounds it).
+    """
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    total_timeout_s: float = 120.0
+    max_connections: int = 64
+
+
+def same_origin(url: URL, origin: URL) -> bool:
+    return (url.scheme, url.host, url.explicit_port or url.port) == (
+        origin.scheme,
+        origin.host,
+        origin.explicit_port or origin.port,
+    )
+
+
+def decode_output(body: Any) -> dict[str, Any] | None:
+    """The Anthropic message inside a result body.
+
+    For LLMs `output` is a string holding the provider's JSON (double-encoded);
+    tolerate an object, and a body without `output` that is itself a message.
+    """
+    if not isinstance(body, dict):
+        return None
+    output = body.get("output")
+    if isinstance(output, str):
+        try:
+            output = orjson.loads(output)
+        except orjson.JSONDecodeError:
+            # Plain text output: wrap it as a message so results stay uniform.
+            return {"type": "message", "role": "assistant", "content": [{"type": "text", "text": output}]}
+    if isinstance(output, dict):
+        return output
+    if output is None and body.get("type") == "message":
+        return body
+    return None
+
+
+def make_session(settings: HttpSettings) -> aiohttp.ClientSession:
+    """One session per run: pooled keep-alive connections to the API origin."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.max_connections,
+        limit_per_host=settings.max_connections,
+        ttl_dns_cache=300,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=settings.total_timeout_s,
+        connect=settings.connect_timeout_s,
+        sock_read=settings.read_timeout_s,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        headers={"user-agent": "batchrunner/0.1"},
+    )
+
+
+class SegmindClient:
+    """Submit, status and result calls of the Segmind v2 asynchronous API."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: ApiKey) -> None:
+        origin = URL(base_url.rstrip("/") or base_url)
+        if origin.scheme not in ("http", "https") or not origin.host:
+            raise ValueError(f"base URL must be http(s)://host[:port], got {base_url!r}")
+        self._session = session
+        self._origin = origin.origin()
+        self._key = api_key
+
+    def __repr__(self) -> str:
+        return f"SegmindClient(origin={str(self._origin)!r})"
+
+    @property
+    def origin(self) -> URL:
+        return self._origin
+
+    async def submit(self, model: str, body: dict[str, Any]) -> ApiResponse:
+        url = self._origin / "v2" / model
+        return await self._request("POST", url, orjson.dumps(body))
+
+    async def status(self, request_id: str, status_url: str | None = None) -> ApiResponse:
+        default = self._origin.with_path(f"/v2/requests/{quote(request_id, safe='')}/status")
+        return await self._request("GET", self._pick(status_url, default), None)
+
+    async def result(self, request_id: str, response_url: str | None = None) -> ApiResponse:
+        default = self._origin.with_path(f"/v2/requests/{quote(request_id, safe='')}")
+        return await self._request("GET", self._pick(response_url, default), None)
+
+    def _pick(self, announced: str | None, default: URL) -> URL:
+        """Follow a URL the API announced only when it is on our origin."""
+        if announced:
+            try:
+                url = URL(announced)
+            except ValueError:
+                return default
+            if url.is_absolute() and same_origin(url, self._origin):
+                return url
+        return default
+
+    async def _request(self, method: str, url: URL, data: bytes | None) -> ApiResponse:
+        if not same_origin(url, self._origin):  # defence in depth: never send the key elsewhere
+            raise TransportError(f"refusing to send the API key to {url.origin()}")
+        headers = {"x-api-key": self._key.reveal(), "accept": "application/json"}
+        if data is not None:
+            headers["content-type"] = "application/json"
+        try:
+            async with self._session.request(
+                method, url, data=data, headers=headers, allow_redirects=False
+            ) as response:
+                raw = await response.read()
+                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+                return ApiResponse(response.status, _decode(raw), retry_after)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # Only the class and the URL path: aiohttp errors can carry request
+            # info (headers); the key must not ride along into logs.
+            raise TransportError(f"{type(exc).__name__} on {method} {url.path}") from None
+
+
+def _decode(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw[:500].decode("utf-8", "replace")

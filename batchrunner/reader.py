@@ -1,0 +1,244 @@
+"""Reader stage: stream job lines, validate them, name the line and field of every error.
+
+Accepted shapes (DESIGN.md section 2): Segmind native (every key but
+`custom_id` and `model` is the request body) and Anthropic Message Batches
+(`params`, with `system` becoming `instruction`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchrunner.images import ACCEPTED_MEDIA_TYPES, load_image_block_source
+
+MAX_CUSTOM_ID_CHARS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A valid job. `body` may still name local image files (resolved at submit)."""
+
+    custom_id: str
+    line: int
+    model: str
+    body: dict[str, Any]
+    fingerprint: str  # identifies model + request body, to notice an edited jobs file
+
+
+@dataclass(frozen=True, slots=True)
+class InvalidJob:
+    """A line rejected locally; it becomes an `invalid_job` result."""
+
+    custom_id: str
+    line: int
+    message: str
+
+
+class JobError(ValueError):
+    """A job line fails validation; the message names the field."""
+
+
+def read_jobs(path: Path, default_model: str) -> Iterator[Job | InvalidJob]:
+    """Stream the jobs of a JSONL file, one at a time, in file order."""
+    with path.open("rb") as handle:
+        yield from parse_job_lines(handle, default_model)
+
+
+def parse_job_lines(lines: Iterable[bytes | str], default_model: str) -> Iterator[Job | InvalidJob]:
+    seen: set[str] = set()
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        item = parse_job_line(raw, number, default_model)
+        if item.custom_id in seen:
+            item = InvalidJob(
+                item.custom_id,
+                number,
+                f"line {number}: custom_id: duplicate {item.custom_id!r} (an earlier line has it)",
+            )
+            # The first holder of the id keeps it; this line's result would
+            # collide with it, so report it under a unique id.
+            item = InvalidJob(f"{item.custom_id}#line-{number}", number, item.message)
+        seen.add(item.custom_id)
+        yield item
+
+
+def parse_job_line(raw: bytes | str, number: int, default_model: str) -> Job | InvalidJob:
+    fallback_id = f"line-{number}"
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return InvalidJob(fallback_id, number, f"line {number}: not valid JSON ({exc})")
+    if not isinstance(data, dict):
+        return InvalidJob(
+            fallback_id, number, f"line {number}: a job must be a JSON object, got {_kind(data)}"
+        )
+    custom_id = data.get("custom_id", fallback_id)
+    if not isinstance(custom_id, str) or not custom_id or len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        return InvalidJob(
+            fallback_id,
+            number,
+            f"line {number}: custom_id: must be a non-empty string of at most "
+            f"{MAX_CUSTOM_ID_CHARS} characters",
+        )
+    try:
+        model, body = _split_job(data, default_model)
+        validate_body(body)
+    except JobError as exc:
+        return InvalidJob(custom_id, number, f"line {number}: {exc}")
+    return Job(custom_id, number, model, body, fingerprint(model, body))
+
+
+def fingerprint(model: str, body: dict[str, Any]) -> str:
+    canonical = orjson.dumps({"model": model, "body": body}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canonical, digest_size=12).hexdigest()
+
+
+def _split_job(data: dict[str, Any], default_model: str) -> tuple[str, dict[str, Any]]:
+    if "params" in data:
+        params = data["params"]
+        if not isinstance(params, dict):
+            raise JobError(f"params: must be an object, got {_kind(params)}")
+        extra = sorted(set(data) - {"custom_id", "params"})
+        if extra:
+            raise JobError(f"{extra[0]}: unexpected beside params (Anthropic batch shape)")
+        body = {k: v for k, v in params.items() if k not in ("model", "system")}
+        if "system" in params:
+            body["instruction"] = _system_text(params["system"])
+        model = params.get("model", default_model)
+        field = "params.model"
+    else:
+        body = {k: v for k, v in data.items() if k not in ("custom_id", "model")}
+        model = data.get("model", default_model)
+        field = "model"
+    if not isinstance(model, str) or not model or "/" in model:
+        raise JobError(f"{field}: must be a model slug like 'claude-3.5-sonnet'")
+    return model, body
+
+
+def _system_text(system: Any) -> str:
+    if isinstance(system, str):
+        return system
+    if isinstance(system, list) and all(
+        isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+        for b in system
+    ):
+        return "\n\n".join(b["text"] for b in system)
+    raise JobError("params.system: must be a string or a list of text blocks")
+
+
+def validate_body(body: dict[str, Any]) -> None:
+    """Check a request body the way the Claude model on Segmind does."""
+    messages = body.get("messages")
+    if messages is None:
+        raise JobError("messages: missing (a list of {role, content} objects is required)")
+    if not isinstance(messages, list) or not messages:
+        raise JobError("messages: must be a non-empty list")
+    for i, message in enumerate(messages):
+        _validate_message(message, f"messages[{i}]")
+    if "instruction" in body and not isinstance(body["instruction"], str):
+        raise JobError("instruction: must be a string")
+    if "temperature" in body:
+        t = body["temperature"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:
+            raise JobError(f"temperature: must be a number from 0 to 1, got {t!r}")
+    if "max_tokens" in body:
+        m = body["max_tokens"]
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise JobError(f"max_tokens: must be a positive integer, got {m!r}")
+
+
+def _validate_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise JobError(f"{where}: must be an object, got {_kind(message)}")
+    role = message.get("role")
+    if role not in ("user", "assistant"):
+        raise JobError(f"{where}.role: must be 'user' or 'assistant', got {role!r}")
+    content = message.get("content")
+    if isinstance(content, str):
+        if not content:
+            raise JobError(f"{where}.content: must not be empty")
+        return
+    if not isinstance(content, list) or not content:
+        raise JobError(f"{where}.content: must be a string or a non-empty list of blocks")
+    for j, block in enumerate(content):
+        _validate_block(block, f"{where}.content[{j}]")
+
+
+def _validate_block(block: Any, where: str) -> None:
+    if not isinstance(block, dict):
+        raise JobError(f"{where}: must be an object, got {_kind(block)}")
+    kind = block.get("type")
+    if kind == "text":
+        if not isinstance(block.get("text"), str):
+            raise JobError(f"{where}.text: must be a string")
+        return
+    if kind != "image":
+        raise JobError(f"{where}.type: must be 'text' or 'image', got {kind!r}")
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise JobError(f"{where}.source: must be an object")
+    source_type = source.get("type")
+    if source_type == "path":
+        if not isinstance(source.get("path"), str) or not source["path"]:
+            raise JobError(f"{where}.source.path: must be a non-empty string")
+    elif source_type == "base64":
+        if source.get("media_type") not in ACCEPTED_MEDIA_TYPES:
+            raise JobError(
+                f"{where}.source.media_type: must be one of "
+                f"{', '.join(sorted(ACCEPTED_MEDIA_TYPES))}, got {source.get('media_type')!r}"
+            )
+        if not isinstance(source.get("data"), str) or not source["data"]:
+            raise JobError(f"{where}.source.data: must be a non-empty base64 string")
+    else:
+        raise JobError(f"{where}.source.type: must be 'base64' or 'path', got {source_type!r}")
+
+
+def materialize_body(body: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """The body to send: local image paths read and base64-encoded.
+
+    Raises ImageError naming the path. The job's own body is left untouched
+    (a resubmission reads the file again rather than keeping megabytes around).
+    """
+    if not _has_path_images(body):
+        return body
+    sent = copy.deepcopy(body)
+    for message in sent["messages"]:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            source = block.get("source") if block.get("type") == "image" else None
+            if isinstance(source, dict) and source.get("type") == "path":
+                block["source"] = load_image_block_source(source["path"], base_dir)
+    return sent
+
+
+def _has_path_images(body: dict[str, Any]) -> bool:
+    for message in body.get("messages", ()):
+        content = message.get("content")
+        if isinstance(content, list):
+            for block in content:
+                source = block.get("source") if block.get("type") == "image" else None
+                if isinstance(source, dict) and source.get("type") == "path":
+                    return True
+    return False
+
+
+def _kind(value: Any) -> str:
+    return {
+        list: "an array",
+        str: "a string",
+        int: "a number",
+        float: "a number",
+        bool: "a boolean",
+        type(None): "null",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)

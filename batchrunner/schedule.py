@@ -1,0 +1,107 @@
+"""Poll schedule: when to ask about a request again, learned from observed latency.
+
+Pure: the latency model is fed observations and the schedule takes `now`; no
+clock, no I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import deque
+from dataclasses import dataclass
+
+MODEL_PAGE_LATENCY_S = 11.2
+"""Typical Claude 3.5 Sonnet latency on Segmind (model page): the prior."""
+
+
+class LatencyModel:
+    """Sliding-window empirical quantiles of completion latency.
+
+    Algorithm: keep the last `window` observations both in arrival order (to
+    evict the oldest) and sorted (bisect.insort), so a quantile is an index
+    lookup. O(window) per observation, exact within the window, and it follows
+    drift (a slower afternoon) because old observations leave. Until enough
+    observations arrive, the prior (the model page's figure) answers.
+    """
+
+    __slots__ = ("_order", "_prior_s", "_sorted", "_window")
+
+    def __init__(self, prior_s: float = MODEL_PAGE_LATENCY_S, window: int = 512) -> None:
+        self._prior_s = prior_s
+        self._window = window
+        self._order: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def observe(self, latency_s: float) -> None:
+        if latency_s < 0:
+            return
+        self._order.append(latency_s)
+        bisect.insort(self._sorted, latency_s)
+        if len(self._order) > self._window:
+            oldest = self._order.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, oldest)]
+
+    @property
+    def count(self) -> int:
+        return len(self._sorted)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of latency; the prior scaled by a lognormal-ish spread when cold."""
+        if len(self._sorted) < 8:
+            # Cold start: shape the prior like a lognormal with sigma ~0.35
+            # so early polls are neither all too early nor all too late.
+            spread = {0.1: 0.65, 0.25: 0.8, 0.5: 0.95, 0.75: 1.15, 0.9: 1.4}
+            nearest = min(spread, key=lambda k: abs(k - q))
+            return self._prior_s * spread[nearest]
+        index = min(len(self._sorted) - 1, max(0, round(q * (len(self._sorted) - 1))))
+        return self._sorted[index]
+
+    def statistics(self) -> dict[str, float]:
+        return {"count": float(self.count), "p50": self.quantile(0.5), "p90": self.quantile(0.9)}
+
+
+@dataclass(frozen=True, slots=True)
+class PollSchedule:
+    """Parameters of the widening poll schedule.
+
+    first_quantile: the first poll goes out when this fraction of requests is
+    expected to be done: late enough that most first polls find a result, early
+    enough that few results sit waiting.
+    first_step_fraction: the first re-poll comes this fraction of the median
+    latency later; each later step grows by `growth`, capped at max_step_s.
+    """
+
+    first_quantile: float = 0.6
+    first_step_fraction: float = 0.08
+    growth: float = 1.5
+    max_step_s: float = 30.0
+    jitter: float = 0.1
+    deadline_margin_s: float = 60.0
+
+
+def next_poll_at(
+    *,
+    submitted_at: float,
+    polls_done: int,
+    now: float,
+    deadline: float,
+    model: LatencyModel,
+    schedule: PollSchedule,
+    rng: random.Random,
+) -> float:
+    """Epoch time of the next status poll of one request.
+
+    Never later than the retention deadline minus the margin (a result must be
+    fetched before it expires), never earlier than `now`.
+    """
+    median = model.quantile(0.5)
+    if polls_done == 0:
+        when = submitted_at + model.quantile(schedule.first_quantile)
+    else:
+        step = median * schedule.first_step_fraction * schedule.growth ** (polls_done - 1)
+        step = min(schedule.max_step_s, step)
+        step *= 1.0 + rng.uniform(-schedule.jitter, schedule.jitter)
+        when = now + step
+    latest = deadline - schedule.deadline_margin_s
+    return max(now, min(when, latest))
