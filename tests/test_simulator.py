@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from batchrunner.simulator import SimConfig, Simulator, run_simulator
+from batchrunner.simulator.__main__ import build_parser, config_from_args
 
 pytestmark = pytest.mark.anyio
 
@@ -563,7 +564,108 @@ async def test_control_endpoints_read_stats_and_advance_the_clock() -> None:
         assert sum(api.sim.stats.requests.values()) == 3
 
 
+async def test_unrouted_paths_answer_json_errors() -> None:
+    async with api_for() as api:
+        status, payload, _ = await api.call("GET", "/v3/whatever")
+        assert status == 404 and "error" in payload
+        status, payload, _ = await api.call("DELETE", f"/v2/{MODEL}")
+        assert status == 405 and "error" in payload
+        with pytest.raises(ValueError, match="forward"):
+            api.sim.advance(-1)
+
+
+async def test_concurrent_submits_never_exceed_the_rate_limit() -> None:
+    async with api_for(rpm=5) as api:
+        answers = await asyncio.gather(*(api.submit() for _ in range(20)))
+        assert sorted(status for status, _, _ in answers) == [200] * 5 + [429] * 15
+        assert api.sim.stats.submits_accepted == 5
+
+
 # --------------------------------------------------------------------------- standalone
+
+
+def test_every_config_field_has_a_command_line_option() -> None:
+    argv = [
+        "--key",
+        "a",
+        "--key",
+        "b",
+        "--forbidden-key",
+        "c",
+        "--model",
+        "m",
+        "--credits",
+        "3",
+        "--rpm",
+        "7.5",
+        "--polls-free",
+        "--no-retry-after",
+        "--latency",
+        "2",
+        "--latency-sigma",
+        "0",
+        "--queue-s",
+        "0.1",
+        "--time-scale",
+        "0.5",
+        "--retention",
+        "60",
+        "--p-500",
+        "0.1",
+        "--p-502",
+        "0.2",
+        "--p-503",
+        "0.3",
+        "--p-504",
+        "0.4",
+        "--p-drop",
+        "0.05",
+        "--p-drop-after-submit",
+        "0.06",
+        "--p-slow",
+        "0.07",
+        "--slow-s",
+        "9",
+        "--p-failed",
+        "0.08",
+        "--seed",
+        "11",
+        "--public-origin",
+        "https://x.example",
+    ]
+    config = config_from_args(build_parser().parse_args(argv))
+    assert config == SimConfig(
+        keys=frozenset({"a", "b"}),
+        forbidden_keys=frozenset({"c"}),
+        models=frozenset({"m"}),
+        credits=3,
+        rpm=7.5,
+        polls_count=False,
+        retry_after=False,
+        latency_mean=2.0,
+        latency_sigma=0.0,
+        queue_s=0.1,
+        time_scale=0.5,
+        retention_s=60.0,
+        p_500=0.1,
+        p_502=0.2,
+        p_503=0.3,
+        p_504=0.4,
+        p_drop=0.05,
+        p_drop_after_submit=0.06,
+        p_slow=0.07,
+        slow_s=9.0,
+        p_failed=0.08,
+        seed=11,
+        public_origin="https://x.example",
+    )
+    assert config_from_args(build_parser().parse_args([])) == SimConfig()
+    changed = {
+        name
+        for name in SimConfig.__dataclass_fields__
+        if getattr(config, name) != getattr(SimConfig(), name)
+    }
+    assert changed == set(SimConfig.__dataclass_fields__)
 
 
 def test_standalone_process_serves_and_stops_on_sigterm() -> None:

@@ -484,6 +484,24 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return _json(status, {"error": message}, headers)
 
 
+def _error_from_http_exception(exc: web.HTTPException) -> web.Response:
+    return _error(exc.status, exc.reason.lower())
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Unrouted paths and wrong methods answer with the API's {"error": ...} shape
+    instead of aiohttp's plain text, as every other error does."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_from_http_exception(exc)
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -496,6 +514,9 @@ class Simulator:
         self.url = ""  # set once the server listens
         self._offset = 0.0
         self._jobs: dict[str, JobTimes] = {}
+        # Jobs in submission order, which is also expiry order (retention is one
+        # constant), so forgetting expired jobs only ever looks at the front.
+        self._expiry_order: deque[JobTimes] = deque()
         self._fault_rng = random.Random(f"{config.seed}:faults")
         self._job_rng = random.Random(f"{config.seed}:jobs")
         self._limiter: SlidingWindowLimiter | None = None
@@ -518,7 +539,7 @@ class Simulator:
     # ---- app
 
     def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
         app.router.add_post("/v2/{model}", self._endpoint("submit", self._submit))
         app.router.add_get("/v2/requests/{id}/status", self._endpoint("status", self._status))
         app.router.add_get("/v2/requests/{id}", self._endpoint("result", self._result))
@@ -540,6 +561,8 @@ class Simulator:
                     response = self._injected_fault() or await handler(request)
             except _Drop as drop:
                 return self._drop(request, drop)
+            except web.HTTPException as exc:  # e.g. 413 from reading an oversized body
+                response = _error_from_http_exception(exc)
             self.stats.count_response(name, response.status)
             if slow:
                 # The answer is ready (and a submit recorded) but comes late, as
@@ -640,7 +663,9 @@ class Simulator:
             failed=failed,
             output=output,
         )
+        self._forget_expired(now)
         self._jobs[request_id] = job
+        self._expiry_order.append(job)
         digest = body_hash(model, body)
         self.stats.submits_accepted += 1
         self.stats.submits_by_body_hash[digest] = self.stats.submits_by_body_hash.get(digest, 0) + 1
@@ -653,6 +678,12 @@ class Simulator:
             failed=failed,
         )
         return job
+
+    def _forget_expired(self, now: float) -> None:
+        """Drops expired jobs (their outputs) so a long benchmark's memory stays
+        bounded by one retention window; their counters stay in stats."""
+        while self._expiry_order and self._expiry_order[0].expires_at <= now:
+            del self._jobs[self._expiry_order.popleft().request_id]
 
     def _draw_latency(self) -> float:
         """Model seconds from submission to the terminal state, lognormal with the
