@@ -693,7 +693,9 @@ class Simulator:
         return mean if sigma == 0 else draw
 
     def _submit_answer(self, request: web.Request, request_id: str) -> dict[str, str]:
-        origin = self.config.public_origin or f"{request.scheme}://{request.host}"
+        # The origin the client used (its Host header), unless a foreign one is
+        # configured to check that clients never send their key elsewhere.
+        origin = (self.config.public_origin or f"{request.scheme}://{request.host}").rstrip("/")
         return {
             "request_id": request_id,
             "status": "QUEUED",
