@@ -89,7 +89,11 @@ def decode_output(body: Any) -> dict[str, Any] | None:
             output = orjson.loads(output)
         except orjson.JSONDecodeError:
             # Plain text output: wrap it as a message so results stay uniform.
-            return {"type": "message", "role": "assistant", "content": [{"type": "text", "text": output}]}
+            return {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "text", "text": output}],
+            }
     if isinstance(output, dict):
         return output
     if output is None and body.get("type") == "message":

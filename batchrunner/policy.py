@@ -127,7 +127,11 @@ def error_text(body: Any) -> str | None:
 def classify_submit(status: int, body: Any, retry_after_s: float | None = None) -> Verdict:
     """Classify the answer to `POST /v2/{model}`."""
     if 200 <= status < 300:
-        if isinstance(body, dict) and isinstance(body.get("request_id"), str) and body["request_id"]:
+        if (
+            isinstance(body, dict)
+            and isinstance(body.get("request_id"), str)
+            and body["request_id"]
+        ):
             return Verdict(Action.ACCEPTED, status)
         # The SDK treats a 2xx without a request_id as an error. It may be a
         # proxy's page: retry, since the job was probably not accepted.
@@ -143,11 +147,17 @@ def classify_submit(status: int, body: Any, retry_after_s: float | None = None) 
         return Verdict(
             Action.FATAL,
             status,
-            message=_fatal(status, text, "the model was not found (404): check --model or the jobs' model"),
+            message=_fatal(
+                status, text, "the model was not found (404): check --model or the jobs' model"
+            ),
         )
     if status == 408 or status >= 500:
-        return Verdict(Action.RETRY, status, "retries_exhausted", text or f"HTTP {status}", retry_after_s)
-    return Verdict(Action.JOB_FAILED, status, "invalid_request", text or f"unexpected HTTP {status}")
+        return Verdict(
+            Action.RETRY, status, "retries_exhausted", text or f"HTTP {status}", retry_after_s
+        )
+    return Verdict(
+        Action.JOB_FAILED, status, "invalid_request", text or f"unexpected HTTP {status}"
+    )
 
 
 def classify_poll(status: int, body: Any, retry_after_s: float | None = None) -> Verdict:
@@ -176,7 +186,9 @@ def classify_poll(status: int, body: Any, retry_after_s: float | None = None) ->
     if 200 <= status < 300:
         # A 2xx with an unknown or missing state: treat as not ready yet.
         return Verdict(Action.PENDING, status)
-    return Verdict(Action.RETRY, status, "retries_exhausted", text or f"HTTP {status}", retry_after_s)
+    return Verdict(
+        Action.RETRY, status, "retries_exhausted", text or f"HTTP {status}", retry_after_s
+    )
 
 
 def _fatal(status: int, text: str | None, default: str | None = None) -> str:

@@ -1,0 +1,3 @@
+from batchrunner.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""Command line (DESIGN.md section 1): arguments, API key, progress, summary, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shlex
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from batchrunner.api import ApiKey
+from batchrunner.budget import PollsCount
+from batchrunner.display import Display, print_summary
+from batchrunner.journal import journal_path_for
+from batchrunner.results import ResultsFileError
+from batchrunner.runner import ConfigError, RunConfig, RunOutcome, run
+
+DEFAULT_BASE_URL = "https://api.segmind.com"
+SIMULATE_TIME_SCALE = 0.05
+"""--simulate runs 20x faster than real time: an 11.2 s job takes about half a second."""
+
+EXIT_USAGE = 2
+
+
+def default_output(jobs: Path) -> Path:
+    name = jobs.name[: -len(".jsonl")] if jobs.name.endswith(".jsonl") else jobs.name
+    return jobs.with_name(name + ".results.jsonl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchrunner",
+        description="Run a JSONL file of requests against the Segmind serverless API, "
+        "rate-limited and resumable. Other commands: 'batchrunner status RESULTS.jsonl'.",
+    )
+    parser.add_argument("jobs", type=Path, help="jobs file, one JSON object per line")
+    parser.add_argument(
+        "-o", "--output", type=Path, help="results file (default JOBS.results.jsonl)"
+    )
+    parser.add_argument(
+        "--model", default="claude-3.5-sonnet", help="model for jobs that name none"
+    )
+    parser.add_argument(
+        "--base-url",
+        default=os.environ.get("SEGMIND_BASE_URL", DEFAULT_BASE_URL),
+        help="API origin (env SEGMIND_BASE_URL; default %(default)s)",
+    )
+    parser.add_argument("--rpm", type=_positive_float, default=50.0, help="requests per minute")
+    parser.add_argument(
+        "--max-in-flight", type=_positive_int, help="most jobs submitted but unfinished"
+    )
+    parser.add_argument(
+        "--polls-count",
+        choices=[mode.value for mode in PollsCount],
+        default="auto",
+        help="whether status polls count against --rpm (auto: learn it from the first 429)",
+    )
+    parser.add_argument("--api-key-file", type=Path, help="file holding the API key")
+    parser.add_argument(
+        "--simulate", action="store_true", help="run against the built-in simulator"
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="ignore existing results, start afresh"
+    )
+    parser.add_argument("--yes", action="store_true", help="do not ask before --restart")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--grace", type=float, default=60.0, help="seconds to keep collecting after Ctrl-C"
+    )
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def read_api_key(args: argparse.Namespace) -> ApiKey:
+    if args.api_key_file is not None:
+        try:
+            text = args.api_key_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}"
+            ) from None
+        if not text:
+            raise ConfigError(f"--api-key-file {args.api_key_file} is empty")
+        return ApiKey(text)
+    value = os.environ.get("SEGMIND_API_KEY", "").strip()
+    if not value:
+        raise ConfigError(
+            "no API key: set SEGMIND_API_KEY (export SEGMIND_API_KEY=...) or pass "
+            "--api-key-file PATH; or try the built-in simulator with --simulate"
+        )
+    return ApiKey(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "status" and not Path("status").exists():
+        from batchrunner.status import main as status_main
+
+        return status_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return anyio.run(_main, args, argv)
+    except ConfigError as exc:
+        print(f"batchrunner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ResultsFileError as exc:
+        print(f"batchrunner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    jobs: Path = args.jobs
+    if not jobs.is_file():
+        raise ConfigError(f"jobs file {jobs} not found or not a file")
+    output = args.output or default_output(jobs)
+    if args.restart and not _confirm_restart(output, args.yes):
+        print("batchrunner: not restarted", file=sys.stderr)
+        return EXIT_USAGE
+    async with _api_origin(args) as (base_url, key, retention_s):
+        config = RunConfig(
+            jobs_path=jobs,
+            output_path=output,
+            api_key=key,
+            base_url=base_url,
+            model=args.model,
+            rpm=args.rpm,
+            max_in_flight=args.max_in_flight,
+            polls_count=PollsCount(args.polls_count),
+            restart=args.restart,
+            retention_s=retention_s,
+            retention_margin_s=min(120.0, retention_s / 30),
+            grace_s=args.grace,
+            handle_signals=True,
+            seed=args.seed,
+        )
+        total = count_job_lines(jobs)
+        show = not args.quiet and sys.stderr.isatty()
+        with Display(total=total, enabled=show) as display:
+            outcome = await run(config, on_tick=display.update)
+    print_summary(outcome, output, total)
+    _print_ending(outcome, argv)
+    return outcome.exit_code
+
+
+@asynccontextmanager
+async def _api_origin(args: argparse.Namespace) -> AsyncIterator[tuple[str, ApiKey, float]]:
+    if not args.simulate:
+        yield args.base_url, read_api_key(args), 3600.0
+        return
+    from batchrunner.simulator import SimConfig, run_simulator
+
+    key = secrets.token_urlsafe(16)
+    sim_config = SimConfig(
+        keys=frozenset({key}),
+        time_scale=SIMULATE_TIME_SCALE,
+        rpm=args.rpm,
+        polls_count=False,
+        seed=args.seed or 0,
+    )
+    async with run_simulator(sim_config) as sim:
+        print(f"batchrunner: simulating the Segmind API at {sim.url}", file=sys.stderr)
+        yield sim.url, ApiKey(key), 3600.0 * SIMULATE_TIME_SCALE
+
+
+def count_job_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                count += 1
+    return count
+
+
+def _confirm_restart(output: Path, yes: bool) -> bool:
+    if yes or not (output.exists() or journal_path_for(output).exists()):
+        return True
+    if not sys.stdin.isatty():
+        return True
+    answer = input(f"--restart discards the results in {output}. Continue? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _print_ending(outcome: RunOutcome, argv: list[str]) -> None:
+    resume = "python -m batchrunner " + shlex.join(
+        a for a in argv if a not in ("--restart", "--yes")
+    )
+    if outcome.fatal_message:
+        print(f"batchrunner: stopped: {outcome.fatal_message}", file=sys.stderr)
+        print(f"batchrunner: resume with: {resume}", file=sys.stderr)
+    elif outcome.interrupted:
+        print(f"batchrunner: interrupted; resume with: {resume}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

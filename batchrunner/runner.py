@@ -1,0 +1,295 @@
+"""One run: wires reader -> submit pool -> poller set -> writer in one anyio task group."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import ObjectSendStream
+
+from batchrunner.api import ApiKey, HttpSettings, SegmindClient, make_session
+from batchrunner.budget import PollsCount, RateBudget
+from batchrunner.context import LoopClock, RunContext, RunStats
+from batchrunner.journal import JournalRecord, journal_path_for, load_journal
+from batchrunner.policy import RETENTION_MARGIN_S, RETENTION_S, RetryPolicy, is_collectable
+from batchrunner.poller import Poller
+from batchrunner.reader import InvalidJob, Job, read_jobs
+from batchrunner.results import ExistingResults, errored, load_results, result_line
+from batchrunner.schedule import LatencyModel, PollSchedule
+from batchrunner.submitter import Submitter, Tracked, run_submit_worker
+from batchrunner.writer import Writer
+
+SUBMIT_WORKERS = 16
+
+
+class ConfigError(Exception):
+    """A usage or configuration problem (exit code 2)."""
+
+
+class JobsChangedError(ConfigError):
+    """The jobs file changed since the run that wrote the journal."""
+
+
+@dataclass(slots=True)
+class RunConfig:
+    jobs_path: Path
+    output_path: Path
+    api_key: ApiKey
+    base_url: str = "https://api.segmind.com"
+    model: str = "claude-3.5-sonnet"
+    rpm: float = 50.0
+    max_in_flight: int | None = None
+    polls_count: PollsCount = PollsCount.AUTO
+    restart: bool = False
+    journal: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    schedule: PollSchedule = field(default_factory=PollSchedule)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    retention_s: float = RETENTION_S
+    retention_margin_s: float = RETENTION_MARGIN_S
+    grace_s: float = 60.0
+    handle_signals: bool = False
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    stats: RunStats
+    previous: Counter[str]
+    fatal_message: str | None
+    interrupted: bool
+    unfinished: int
+    total_results: Counter[str]
+
+    @property
+    def exit_code(self) -> int:
+        if self.fatal_message:
+            return 3
+        if self.interrupted:
+            return 130
+        if any(kind != "succeeded" for kind, n in self.total_results.items() if n):
+            return 1
+        return 0
+
+
+def default_max_in_flight(rpm: float, latency_p90_s: float, polls_count: bool) -> int:
+    """Little's law: in flight = throughput x latency, with headroom.
+
+    Throughput is rpm/3 jobs per minute when polls count (submit, status,
+    result), rpm when they do not. Capped so that every in-flight request can
+    still be fetched inside the retention hour at the request budget.
+    """
+    jobs_per_s = rpm / 60.0 / (3.0 if polls_count else 1.0)
+    wanted = math.ceil(2.0 * jobs_per_s * latency_p90_s) + 4
+    retention_cap = max(4, int(rpm * 60 / 2))
+    return max(4, min(wanted, retention_cap, 10_000))
+
+
+Progress = Callable[[RunContext, Poller], None]
+
+
+async def run(config: RunConfig, *, on_tick: Progress | None = None) -> RunOutcome:
+    """Run the jobs of `config.jobs_path` to completion (or a stop), resuming by default."""
+    if not config.jobs_path.is_file():
+        raise ConfigError(f"jobs file {config.jobs_path} not found")
+    journal_path = journal_path_for(config.output_path) if config.journal else None
+    if config.restart:
+        existing = ExistingResults()
+        journaled: dict[str, JournalRecord] = {}
+    else:
+        existing = load_results(config.output_path)
+        journaled = load_journal(journal_path)[0] if journal_path else {}
+        if journaled:
+            check_jobs_unchanged(config, journaled, existing)
+
+    clock = LoopClock()
+    rng = random.Random(config.seed)
+    stats = RunStats()
+    writer = Writer(config.output_path, journal_path, on_result=stats.count_result)
+    writer.open(truncate=config.restart)
+    budget = RateBudget(config.rpm, config.polls_count, clock, rng)
+    latency = LatencyModel()
+    fixed_limit = config.max_in_flight
+    limit = fixed_limit or default_max_in_flight(
+        config.rpm, latency.quantile(0.9), budget.polls_count
+    )
+    try:
+        async with make_session(config.http) as session:
+            ctx = RunContext(
+                client=SegmindClient(session, config.base_url, config.api_key),
+                budget=budget,
+                writer=writer,
+                clock=clock,
+                stats=stats,
+                jobs_dir=config.jobs_path.parent,
+                retry=config.retry,
+                latency=latency,
+                schedule=config.schedule,
+                in_flight=anyio.CapacityLimiter(limit),
+                rng=rng,
+                retention_s=config.retention_s,
+            )
+            submitter = Submitter(ctx)
+            poller = Poller(ctx, submitter)
+            with anyio.CancelScope() as run_scope:
+                ctx.run_scope = run_scope
+                async with anyio.create_task_group() as services:
+                    services.start_soon(writer.run)
+                    services.start_soon(_tick, ctx, poller, on_tick, fixed_limit is None)
+                    if config.handle_signals:
+                        services.start_soon(_watch_signals, ctx, config.grace_s)
+                    await _pipeline(ctx, config, submitter, poller, existing, journaled)
+                    services.cancel_scope.cancel()
+            if on_tick is not None:
+                on_tick(ctx, poller)
+    finally:
+        await writer.aclose()
+    total = Counter(existing.by_type)
+    total.update(stats.results)
+    return RunOutcome(
+        stats=stats,
+        previous=existing.by_type,
+        fatal_message=ctx.fatal_message,
+        interrupted=ctx.interrupted,
+        unfinished=stats.in_flight,
+        total_results=total,
+    )
+
+
+async def _pipeline(
+    ctx: RunContext,
+    config: RunConfig,
+    submitter: Submitter,
+    poller: Poller,
+    existing: ExistingResults,
+    journaled: dict[str, JournalRecord],
+) -> None:
+    send, receive = anyio.create_memory_object_stream[tuple[Job, object, int]](SUBMIT_WORKERS)
+    async with anyio.create_task_group() as pipeline:
+        pipeline.start_soon(poller.run)
+        async with anyio.create_task_group() as intake:
+            intake.start_soon(_read, ctx, config, send, poller, existing, journaled)
+            for _ in range(SUBMIT_WORKERS):
+                intake.start_soon(run_submit_worker, submitter, receive.clone(), poller.add)
+            receive.close()
+        poller.close_intake()
+
+
+async def _read(
+    ctx: RunContext,
+    config: RunConfig,
+    send: ObjectSendStream[tuple[Job, object, int]],
+    poller: Poller,
+    existing: ExistingResults,
+    journaled: dict[str, JournalRecord],
+) -> None:
+    """Reader stage: skip finished jobs, re-poll journaled ones, queue the rest."""
+    async with send:
+        with anyio.CancelScope() as scope:
+            ctx.reader_scope = scope
+            if ctx.stop_intake.is_set():
+                return
+            for count, item in enumerate(read_jobs(config.jobs_path, config.model)):
+                if count % 256 == 0:
+                    await anyio.lowlevel.checkpoint()
+                ctx.stats.jobs_read += 1
+                if item.custom_id in existing.done:
+                    ctx.stats.skipped_done += 1
+                    continue
+                borrower = object()
+                # Waiting here is the backpressure: memory is bounded by the
+                # jobs in flight, not by the size of the file.
+                await ctx.in_flight.acquire_on_behalf_of(borrower)
+                if isinstance(item, InvalidJob):
+                    ctx.writer.write_result(
+                        result_line(
+                            item.custom_id,
+                            errored("invalid_job", item.message, None, line=item.line),
+                            finished_at=ctx.clock(),
+                        )
+                    )
+                    ctx.in_flight.release_on_behalf_of(borrower)
+                    continue
+                record = journaled.get(item.custom_id)
+                if record is not None and is_collectable(
+                    record.submitted_at,
+                    ctx.clock(),
+                    retention_s=config.retention_s,
+                    margin_s=config.retention_margin_s,
+                ):
+                    poller.add(_tracked_from_journal(item, record, borrower), resumed=True)
+                    continue
+                submission = record.attempt + 1 if record is not None else 1
+                await send.send((item, borrower, submission))
+
+
+def _tracked_from_journal(job: Job, record: JournalRecord, borrower: object) -> Tracked:
+    return Tracked(
+        job=job,
+        request_id=record.request_id,
+        submitted_at=record.submitted_at,
+        submission=record.attempt,
+        http_attempts=record.attempt,
+        borrower=borrower,
+        status_url=record.status_url,
+        response_url=record.response_url,
+    )
+
+
+def check_jobs_unchanged(
+    config: RunConfig, journaled: dict[str, JournalRecord], existing: ExistingResults
+) -> None:
+    """Refuse to mix results of two different jobs files under one custom_id."""
+    changed: list[str] = []
+    for item in _valid_jobs(read_jobs(config.jobs_path, config.model)):
+        record = journaled.get(item.custom_id)
+        if record is not None and record.fingerprint != item.fingerprint:
+            changed.append(f"{item.custom_id} (line {item.line})")
+    if changed:
+        shown = ", ".join(changed[:5]) + (
+            f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        )
+        raise JobsChangedError(
+            f"{len(changed)} job(s) changed since the results in {config.output_path} were "
+            f"started: {shown}. Use --restart to start afresh or -o to write elsewhere."
+        )
+
+
+def _valid_jobs(items: Iterable[Job | InvalidJob]) -> Iterator[Job]:
+    return (item for item in items if isinstance(item, Job))
+
+
+async def _tick(ctx: RunContext, poller: Poller, on_tick: Progress | None, adapt: bool) -> None:
+    """Refresh the progress display and re-derive max-in-flight from learned latency."""
+    while True:
+        await anyio.sleep(0.5)
+        if adapt and ctx.latency.count >= 8:
+            ctx.in_flight.total_tokens = default_max_in_flight(
+                ctx.budget.rpm, ctx.latency.quantile(0.9), ctx.budget.polls_count
+            )
+        if on_tick is not None:
+            on_tick(ctx, poller)
+
+
+async def _watch_signals(ctx: RunContext, grace_s: float) -> None:
+    """First SIGINT/SIGTERM: stop intake, collect in-flight results for a grace
+    period. Second: stop at once (the writer still flushes, shielded)."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            if ctx.interrupted:
+                if ctx.run_scope is not None:
+                    ctx.run_scope.cancel()
+                return
+            ctx.interrupted = True
+            ctx.stop_submitting()
+            if ctx.on_interrupt is not None:
+                ctx.on_interrupt()
+            ctx.grace_deadline = anyio.current_time() + grace_s
+            if ctx.run_scope is not None:
+                ctx.run_scope.deadline = ctx.grace_deadline
