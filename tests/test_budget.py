@@ -1,0 +1,345 @@
+"""RateBudget: shared 429 cool-down, learning whether polls count, pacing in virtual time."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import anyio
+import pytest
+
+from batchrunner.budget import PollsCount, RateBudget
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_795_608_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class MaxRandom(random.Random):
+    """uniform() answers its upper bound: exposes the backoff ceiling."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def budget(
+    rpm: float = 60.0,
+    polls: PollsCount = PollsCount.AUTO,
+    clock: FakeClock | None = None,
+    rng: random.Random | None = None,
+) -> tuple[RateBudget, FakeClock]:
+    clock = clock or FakeClock()
+    return RateBudget(rpm, polls, clock, rng or random.Random(0)), clock
+
+
+# --------------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("rpm", [0, -1, -50.0])
+def test_rpm_must_be_positive(rpm: float) -> None:
+    with pytest.raises(ValueError, match="rpm"):
+        RateBudget(rpm, PollsCount.AUTO, FakeClock())
+
+
+def test_fresh_budget_is_not_cooling_down() -> None:
+    b, _ = budget()
+    assert not b.cooling_down()
+    assert b.rate_limited == 0
+
+
+# --------------------------------------------------------------------------- cool-down
+
+
+@pytest.mark.parametrize("retry_after", [0.5, 1.0, 7.0, 30.0, 120.0])
+@pytest.mark.parametrize("is_poll", [False, True])
+def test_cool_down_honours_retry_after(retry_after: float, is_poll: bool) -> None:
+    b, clock = budget()
+    assert b.on_rate_limited(retry_after, is_poll=is_poll) == retry_after
+    assert b.cooling_down()
+    clock.advance(retry_after - 0.01)
+    assert b.cooling_down()
+    clock.advance(0.01)
+    assert not b.cooling_down()
+
+
+def test_retry_after_zero_means_no_cool_down() -> None:
+    b, _ = budget()
+    assert b.on_rate_limited(0.0, is_poll=False) == 0.0
+    assert not b.cooling_down()
+    assert b.rate_limited == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "gap", "second", "cool_until"),
+    [
+        (30.0, 0.0, 5.0, 30.0),  # a shorter later cool-down does not shorten it
+        (30.0, 10.0, 5.0, 30.0),
+        (10.0, 0.0, 40.0, 40.0),  # a longer one extends it
+        (10.0, 5.0, 10.0, 15.0),
+        (10.0, 20.0, 3.0, 23.0),  # after it ended, a new one starts from now
+    ],
+)
+def test_cool_down_is_shared_and_only_extends(
+    first: float, gap: float, second: float, cool_until: float
+) -> None:
+    b, clock = budget()
+    start = clock.now
+    b.on_rate_limited(first, is_poll=False)
+    clock.advance(gap)
+    b.on_rate_limited(second, is_poll=True)
+    clock.now = start + cool_until - 0.001
+    assert b.cooling_down()
+    clock.now = start + cool_until
+    assert not b.cooling_down()
+
+
+@pytest.mark.parametrize(
+    ("rpm", "ceilings"),
+    [
+        (60.0, [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]),
+        (50.0, [1.2, 2.4, 4.8, 9.6, 19.2, 38.4, 60.0]),
+        (5.0, [12.0, 24.0, 48.0, 60.0, 60.0]),
+        (600.0, [0.1, 0.2, 0.4, 0.8]),
+    ],
+)
+def test_cool_down_without_retry_after_is_exponential(rpm: float, ceilings: list[float]) -> None:
+    b, clock = budget(rpm=rpm, rng=MaxRandom())
+    for ceiling in ceilings:
+        delay = b.on_rate_limited(None, is_poll=False)
+        assert delay == pytest.approx(ceiling)
+        assert b.cooling_down()
+        clock.advance(delay)  # each 429 comes after the previous cool-down
+        assert not b.cooling_down()
+
+
+def test_success_resets_the_exponential_growth() -> None:
+    b, clock = budget(rpm=60.0, rng=MaxRandom())
+    for _ in range(4):
+        clock.advance(b.on_rate_limited(None, is_poll=False))
+    assert b.on_rate_limited(None, is_poll=False) == pytest.approx(16.0)
+    b.on_success()
+    assert b.on_rate_limited(None, is_poll=False) == pytest.approx(1.0)
+
+
+def test_retry_after_still_counts_towards_growth() -> None:
+    b, _ = budget(rpm=60.0, rng=MaxRandom())
+    b.on_rate_limited(5.0, is_poll=False)
+    b.on_rate_limited(5.0, is_poll=False)
+    assert b.on_rate_limited(None, is_poll=False) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cool_down_without_retry_after_stays_within_jitter_bounds(seed: int) -> None:
+    b, clock = budget(rpm=30.0, rng=random.Random(seed))
+    for n in range(1, 10):
+        delay = b.on_rate_limited(None, is_poll=False)
+        assert 0.0 <= delay <= min(60.0, 2.0 * 2 ** (n - 1))
+        clock.advance(delay)
+
+
+def test_rate_limited_counter() -> None:
+    b, _ = budget()
+    for i in range(1, 6):
+        b.on_rate_limited(1.0, is_poll=i % 2 == 0)
+        assert b.rate_limited == i
+    b.on_success()
+    assert b.rate_limited == 5
+
+
+# --------------------------------------------------------------------------- polls_count
+
+
+def test_auto_polls_are_free_until_a_429_on_a_poll() -> None:
+    b, _ = budget(polls=PollsCount.AUTO)
+    assert b.polls_count is False
+    b.on_rate_limited(1.0, is_poll=False)
+    assert b.polls_count is False
+    assert b.polls_learned_counting is False
+    b.on_rate_limited(1.0, is_poll=True)
+    assert b.polls_count is True
+    assert b.polls_learned_counting is True
+    b.on_success()
+    assert b.polls_count is True  # learned once, kept
+
+
+@pytest.mark.parametrize(
+    ("mode", "counts"),
+    [(PollsCount.YES, True), (PollsCount.NO, False)],
+)
+@pytest.mark.parametrize("is_poll", [False, True])
+def test_fixed_polls_count(mode: PollsCount, counts: bool, is_poll: bool) -> None:
+    b, _ = budget(polls=mode)
+    assert b.polls_count is counts
+    b.on_rate_limited(1.0, is_poll=is_poll)
+    assert b.polls_count is counts
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "auto"])
+def test_polls_count_values(value: str) -> None:
+    assert PollsCount(value).value == value
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_statistics() -> None:
+    b, clock = budget(rpm=50.0, polls=PollsCount.AUTO)
+    assert b.statistics() == {
+        "rpm": 50.0,
+        "rate_limited": 0,
+        "polls_count": False,
+        "cooling_down": False,
+    }
+    b.on_rate_limited(10.0, is_poll=True)
+    assert b.statistics() == {
+        "rpm": 50.0,
+        "rate_limited": 1,
+        "polls_count": True,
+        "cooling_down": True,
+    }
+    clock.advance(10.0)
+    assert b.statistics()["cooling_down"] is False
+
+
+# --------------------------------------------------------------------------- pacing (virtual time)
+
+
+# Rates whose period (60 / rpm) is exact in binary floating point: with a period like
+# 1.2 s (rpm 50) aiolimiter's float residue asks to be woken "now" again and again,
+# and looptime's quantised clock never moves on (a hang in virtual time only).
+
+
+def loop_budget(rpm: float, polls: PollsCount = PollsCount.AUTO) -> RateBudget:
+    return RateBudget(rpm, polls, asyncio.get_running_loop().time, random.Random(0))
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("n", "rpm"),
+    [(1, 60.0), (2, 60.0), (5, 60.0), (10, 120.0), (4, 6.0), (41, 240.0), (20, 30.0), (7, 12.0)],
+)
+async def test_sequential_submits_are_paced(n: int, rpm: float) -> None:
+    b = loop_budget(rpm)
+    start = now()
+    for _ in range(n):
+        await b.acquire_submit()
+    assert now() - start == pytest.approx((n - 1) * 60.0 / rpm, rel=0.02, abs=0.05)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("n", "rpm"), [(8, 60.0), (25, 240.0)])
+async def test_concurrent_submits_are_paced(n: int, rpm: float) -> None:
+    b = loop_budget(rpm)
+    start = now()
+    times: list[float] = []
+
+    async def worker() -> None:
+        await b.acquire_submit()
+        times.append(now() - start)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(worker)
+    assert len(times) == n
+    assert max(times) == pytest.approx((n - 1) * 60.0 / rpm, rel=0.02, abs=0.05)
+    ordered = sorted(times)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(ordered)]
+    assert all(gap >= 60.0 / rpm - 0.01 for gap in gaps)  # no burst
+
+
+@pytest.mark.anyio
+async def test_free_polls_do_not_use_the_budget() -> None:
+    b = loop_budget(60.0, PollsCount.NO)
+    start = now()
+    for _ in range(100):
+        await b.acquire_poll()
+    assert now() - start == pytest.approx(0.0, abs=0.01)
+    # And they leave the submit budget untouched.
+    await b.acquire_submit()
+    assert now() - start == pytest.approx(0.0, abs=0.01)
+
+
+@pytest.mark.anyio
+async def test_counted_polls_share_the_budget_with_submits() -> None:
+    b = loop_budget(60.0, PollsCount.YES)
+    start = now()
+    for _ in range(3):
+        await b.acquire_poll()
+        await b.acquire_submit()
+    assert now() - start == pytest.approx(5.0, rel=0.02, abs=0.05)
+
+
+@pytest.mark.anyio
+async def test_auto_polls_start_counting_after_a_poll_429() -> None:
+    b = loop_budget(60.0, PollsCount.AUTO)
+    start = now()
+    for _ in range(10):
+        await b.acquire_poll()
+    assert now() - start == pytest.approx(0.0, abs=0.01)
+    b.on_rate_limited(2.0, is_poll=True)
+    start = now()
+    for _ in range(4):
+        await b.acquire_poll()
+    # 2 s of cool-down, then 4 polls paced 1 s apart.
+    assert now() - start == pytest.approx(2.0 + 3.0, rel=0.02, abs=0.05)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("polls", [PollsCount.NO, PollsCount.YES])
+async def test_cool_down_pauses_submits_and_polls_together(polls: PollsCount) -> None:
+    b = loop_budget(240.0, polls)
+    b.on_rate_limited(30.0, is_poll=False)
+    start = now()
+    released: list[tuple[str, float]] = []
+
+    async def submit() -> None:
+        await b.acquire_submit()
+        released.append(("submit", now() - start))
+
+    async def poll() -> None:
+        await b.acquire_poll()
+        released.append(("poll", now() - start))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(submit)
+            tg.start_soon(poll)
+    assert len(released) == 6
+    assert all(t >= 30.0 - 0.01 for _, t in released)
+    assert all(t <= 30.0 + 5 * 0.25 + 0.01 for _, t in released)
+
+
+@pytest.mark.anyio
+async def test_cool_down_extended_while_waiting() -> None:
+    b = loop_budget(60.0)
+    b.on_rate_limited(10.0, is_poll=False)
+    start = now()
+
+    async def extend() -> None:
+        await anyio.sleep(5.0)
+        b.on_rate_limited(20.0, is_poll=False)  # now until start + 25
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(extend)
+        await b.wait_cooled_down()
+    assert now() - start == pytest.approx(25.0, abs=0.05)
+
+
+@pytest.mark.anyio
+async def test_wait_cooled_down_returns_at_once_when_not_cooling() -> None:
+    b = loop_budget(60.0)
+    start = now()
+    await b.wait_cooled_down()
+    assert now() - start == 0.0

@@ -1,0 +1,273 @@
+"""Poll schedule: latency model quantiles and the widening, deadline-bounded poll times."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from batchrunner.schedule import MODEL_PAGE_LATENCY_S, LatencyModel, PollSchedule, next_poll_at
+
+T0 = 1_795_608_000.0  # submission time used throughout
+DEADLINE = T0 + 3600.0
+NO_JITTER = PollSchedule(jitter=0.0)
+
+
+def warm_model(values: list[float], window: int = 512) -> LatencyModel:
+    model = LatencyModel(window=window)
+    for value in values:
+        model.observe(value)
+    return model
+
+
+# --------------------------------------------------------------------------- LatencyModel
+
+
+def test_prior_is_the_model_page_figure() -> None:
+    assert MODEL_PAGE_LATENCY_S == 11.2
+
+
+@pytest.mark.parametrize(
+    ("q", "factor"),
+    [(0.1, 0.65), (0.25, 0.8), (0.5, 0.95), (0.6, 0.95), (0.75, 1.15), (0.9, 1.4), (0.99, 1.4)],
+)
+@pytest.mark.parametrize("prior", [MODEL_PAGE_LATENCY_S, 2.0])
+def test_cold_quantiles_follow_the_prior(q: float, factor: float, prior: float) -> None:
+    model = LatencyModel(prior_s=prior)
+    assert model.count == 0
+    assert model.quantile(q) == pytest.approx(prior * factor)
+
+
+def test_cold_quantiles_are_monotone() -> None:
+    model = LatencyModel()
+    qs = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
+    values = [model.quantile(q) for q in qs]
+    assert values == sorted(values)
+    assert values[0] < MODEL_PAGE_LATENCY_S < values[-1]
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_few_observations_still_answer_with_the_prior(n: int) -> None:
+    model = warm_model([100.0] * n)
+    assert model.count == n
+    assert model.quantile(0.5) == pytest.approx(MODEL_PAGE_LATENCY_S * 0.95)
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [
+        ([100.0] * 8, 0.5, 100.0),
+        ([float(v) for v in range(1, 10)], 0.0, 1.0),
+        ([float(v) for v in range(1, 10)], 0.5, 5.0),
+        ([float(v) for v in range(1, 10)], 1.0, 9.0),
+        ([float(v) for v in range(9, 0, -1)], 0.5, 5.0),  # arrival order is irrelevant
+        ([float(v) for v in range(0, 101)], 0.9, 90.0),
+        ([float(v) for v in range(0, 101)], 0.6, 60.0),
+        ([float(v) for v in range(0, 101)], 0.1, 10.0),
+    ],
+)
+def test_quantiles_after_observations(values: list[float], q: float, expected: float) -> None:
+    assert warm_model(values).quantile(q) == pytest.approx(expected)
+
+
+def test_quantiles_stay_inside_observed_range() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(2.4, 0.35) for _ in range(300)]
+    model = warm_model(values)
+    quantiles = [model.quantile(q) for q in (0.0, 0.1, 0.5, 0.9, 1.0)]
+    assert quantiles == sorted(quantiles)
+    assert quantiles[0] == min(values)
+    assert quantiles[-1] == max(values)
+
+
+def test_negative_observation_is_ignored() -> None:
+    model = warm_model([5.0] * 8)
+    model.observe(-1.0)
+    assert model.count == 8
+    assert model.quantile(0.0) == 5.0
+
+
+@pytest.mark.parametrize("window", [8, 10, 50])
+def test_window_evicts_the_oldest(window: int) -> None:
+    model = warm_model([100.0] * window, window=window)
+    assert model.quantile(0.5) == 100.0
+    for _ in range(window):
+        model.observe(1.0)
+    assert model.count == window
+    assert model.quantile(1.0) == 1.0
+    assert model.quantile(0.0) == 1.0
+
+
+def test_window_follows_drift_gradually() -> None:
+    model = warm_model([10.0] * 10, window=10)
+    for _ in range(6):
+        model.observe(20.0)  # 4 x 10.0 and 6 x 20.0 left
+    assert model.count == 10
+    assert model.quantile(0.0) == 10.0
+    assert model.quantile(0.5) == 20.0
+    assert model.quantile(1.0) == 20.0
+
+
+def test_window_eviction_with_duplicate_values() -> None:
+    model = warm_model([3.0, 1.0, 3.0, 2.0, 3.0, 1.0, 2.0, 3.0], window=8)
+    for value in [9.0, 9.0, 9.0]:  # evicts 3.0, 1.0, 3.0
+        model.observe(value)
+    assert model.count == 8
+    assert [model.quantile(i / 7) for i in range(8)] == [1.0, 2.0, 2.0, 3.0, 3.0, 9.0, 9.0, 9.0]
+
+
+def test_statistics() -> None:
+    stats = warm_model([float(v) for v in range(0, 101)]).statistics()
+    assert stats == {"count": 101.0, "p50": 50.0, "p90": 90.0}
+    cold = LatencyModel().statistics()
+    assert cold["count"] == 0.0
+    assert cold["p50"] == pytest.approx(MODEL_PAGE_LATENCY_S * 0.95)
+
+
+# --------------------------------------------------------------------------- next_poll_at
+
+
+def poll_at(
+    model: LatencyModel,
+    polls_done: int,
+    now: float,
+    *,
+    deadline: float = DEADLINE,
+    schedule: PollSchedule = NO_JITTER,
+    seed: int = 0,
+) -> float:
+    return next_poll_at(
+        submitted_at=T0,
+        polls_done=polls_done,
+        now=now,
+        deadline=deadline,
+        model=model,
+        schedule=schedule,
+        rng=random.Random(seed),
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "first_quantile", "delay"),
+    [
+        ([], 0.6, MODEL_PAGE_LATENCY_S * 0.95),  # cold: the prior
+        ([], 0.9, MODEL_PAGE_LATENCY_S * 1.4),
+        ([float(v) for v in range(0, 101)], 0.6, 60.0),
+        ([float(v) for v in range(0, 101)], 0.9, 90.0),
+        ([float(v) for v in range(0, 101)], 0.5, 50.0),
+    ],
+)
+def test_first_poll_at_the_chosen_quantile(
+    values: list[float], first_quantile: float, delay: float
+) -> None:
+    schedule = PollSchedule(first_quantile=first_quantile)
+    when = poll_at(warm_model(values), 0, now=T0, schedule=schedule)
+    assert when == pytest.approx(T0 + delay)
+
+
+def test_first_poll_is_not_jittered() -> None:
+    model = warm_model([float(v) for v in range(0, 101)])
+    times = {poll_at(model, 0, now=T0, schedule=PollSchedule(), seed=s) for s in range(20)}
+    assert times == {T0 + 60.0}
+
+
+def test_first_poll_after_a_late_start_is_now() -> None:
+    # Resumed from the journal long after submission: poll at once.
+    model = warm_model([10.0] * 8)
+    assert poll_at(model, 0, now=T0 + 500.0) == T0 + 500.0
+
+
+@pytest.mark.parametrize(
+    ("polls_done", "step"),
+    [
+        (1, 8.0),  # 100 * 0.08
+        (2, 12.0),  # * 1.5
+        (3, 18.0),
+        (4, 27.0),
+        (5, 30.0),  # 40.5 capped
+        (9, 30.0),
+    ],
+)
+def test_steps_widen_up_to_the_cap(polls_done: int, step: float) -> None:
+    model = warm_model([100.0] * 8)
+    now = T0 + 120.0
+    assert poll_at(model, polls_done, now=now) == pytest.approx(now + step)
+
+
+def test_steps_follow_custom_schedule() -> None:
+    model = warm_model([50.0] * 8)
+    schedule = PollSchedule(first_step_fraction=0.1, growth=2.0, max_step_s=100.0, jitter=0.0)
+    now = T0 + 60.0
+    steps = [poll_at(model, k, now=now, schedule=schedule) - now for k in range(1, 6)]
+    assert steps == pytest.approx([5.0, 10.0, 20.0, 40.0, 80.0])
+
+
+@pytest.mark.parametrize("polls_done", [1, 2, 4, 8])
+@pytest.mark.parametrize("jitter", [0.1, 0.25])
+def test_jitter_bounds(polls_done: int, jitter: float) -> None:
+    model = warm_model([100.0] * 8)
+    now = T0 + 120.0
+    base = poll_at(model, polls_done, now=now) - now
+    schedule = PollSchedule(jitter=jitter)
+    rng = random.Random(11)
+    steps = [
+        next_poll_at(
+            submitted_at=T0,
+            polls_done=polls_done,
+            now=now,
+            deadline=DEADLINE,
+            model=model,
+            schedule=schedule,
+            rng=rng,
+        )
+        - now
+        for _ in range(300)
+    ]
+    low, high = base * (1 - jitter), base * (1 + jitter)
+    assert all(low - 1e-9 <= s <= high + 1e-9 for s in steps)
+    assert min(steps) < base < max(steps)
+    assert min(steps) < low + 0.2 * (high - low)
+    assert max(steps) > high - 0.2 * (high - low)
+
+
+@pytest.mark.parametrize(
+    ("polls_done", "now", "margin"),
+    [
+        (0, T0, 60.0),
+        (3, DEADLINE - 70.0, 60.0),
+        (9, DEADLINE - 65.0, 60.0),
+        (5, DEADLINE - 200.0, 180.0),
+    ],
+)
+def test_never_after_deadline_minus_margin(polls_done: int, now: float, margin: float) -> None:
+    model = warm_model([3590.0] * 8)  # slow: the natural time would be past the margin
+    schedule = PollSchedule(jitter=0.0, deadline_margin_s=margin)
+    when = poll_at(model, polls_done, now=now, schedule=schedule)
+    assert when == DEADLINE - margin
+
+
+@pytest.mark.parametrize("polls_done", [0, 1, 5])
+@pytest.mark.parametrize("now", [DEADLINE - 60.0, DEADLINE - 10.0, DEADLINE + 100.0])
+def test_never_before_now(polls_done: int, now: float) -> None:
+    model = warm_model([100.0] * 8)
+    assert poll_at(model, polls_done, now=now, schedule=PollSchedule()) == now
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("polls_done", [0, 1, 3, 10, 40])
+def test_always_within_now_and_latest(seed: int, polls_done: int) -> None:
+    model = warm_model([random.Random(seed).uniform(1, 60) for _ in range(30)])
+    for now in (T0, T0 + 30.0, T0 + 1800.0, DEADLINE - 61.0):
+        when = poll_at(model, polls_done, now=now, schedule=PollSchedule(), seed=seed)
+        assert now <= when <= max(now, DEADLINE - 60.0)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: growth ** (polls_done - 1) overflows (OverflowError) past ~1750 polls "
+    "instead of staying at max_step_s",
+)
+def test_huge_poll_count_stays_capped() -> None:
+    model = warm_model([100.0] * 8)
+    now = T0 + 120.0
+    assert poll_at(model, 2000, now=now) == pytest.approx(now + 30.0)
