@@ -243,9 +243,17 @@ class Simulator:
         return self._call("GET", "/_sim/stats")
 
     def settled_stats(self) -> dict[str, Any]:
-        """Stats once requests sent by a just-killed client have been served."""
-        time.sleep(0.1)
-        return self.stats()
+        """Stats once requests sent by a just-stopped client have been served: the
+        request counters stay unchanged over 100 ms (a request already in the
+        server's socket buffer when its client died is still answered)."""
+        previous = self.stats()
+        deadline = time.monotonic() + 5.0
+        while True:
+            time.sleep(0.1)
+            current = self.stats()
+            if current["requests"] == previous["requests"] or time.monotonic() > deadline:
+                return current
+            previous = current
 
     def advance(self, clock_seconds: float) -> None:
         self._call("POST", f"/_sim/advance?seconds={clock_seconds}")
