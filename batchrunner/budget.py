@@ -30,8 +30,13 @@ def make_limiter(rpm: float) -> AsyncLimiter:
     A bucket of capacity `rpm` would allow a burst of rpm requests and then the
     steady rate, i.e. up to 2 x rpm in the first minute: a sliding-window server
     answers that with 429s. Capacity 1 paces requests evenly instead.
+    The capacity gets a hair of slack (1e-9) because the leak is computed in
+    floating point: 1 - 1.2 * (1 / 1.2) can leave 1e-16 in the bucket, and a
+    clock that does not move between checks (virtual time) would then wait
+    forever for a zero-length timer.
     """
-    return AsyncLimiter(1, 60.0 / rpm)
+    slack = 1.0 + 1e-9
+    return AsyncLimiter(slack, 60.0 / rpm * slack)
 
 
 class RateBudget:

@@ -10,6 +10,7 @@ import enum
 import math
 import random
 from dataclasses import dataclass
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -47,7 +48,8 @@ def compute_backoff(
     clients evenly over the whole interval, which is what avoids synchronised
     retry storms against a shared rate limit.
     """
-    ceiling = min(max_backoff_s, initial_s * exp_base ** max(0, attempt - 1))
+    exponent = min(max(0, attempt - 1), 64)  # past 2**64 the cap has long won; avoid overflow
+    ceiling = min(max_backoff_s, initial_s * exp_base**exponent)
     return rng.uniform(0.0, ceiling)
 
 
@@ -72,6 +74,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
             return None
         if when is None:
             return None
+        if when.tzinfo is None:  # asctime and "-0000" dates are GMT by RFC 9110
+            when = when.replace(tzinfo=timezone.utc)
         seconds = when.timestamp() - now
         return max(0.0, seconds)
     if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:

@@ -64,8 +64,11 @@ def parse_job_lines(lines: Iterable[bytes | str], default_model: str) -> Iterato
                 f"line {number}: custom_id: duplicate {item.custom_id!r} (an earlier line has it)",
             )
             # The first holder of the id keeps it; this line's result would
-            # collide with it, so report it under a unique id.
-            item = InvalidJob(f"{item.custom_id}#line-{number}", number, item.message)
+            # collide with it, so report it under an id no other line has.
+            unique = f"{item.custom_id}#line-{number}"
+            while unique in seen:
+                unique += "#dup"
+            item = InvalidJob(unique, number, item.message)
         seen.add(item.custom_id)
         yield item
 

@@ -96,12 +96,16 @@ def next_poll_at(
     fetched before it expires), never earlier than `now`.
     """
     median = model.quantile(0.5)
+    first_step = median * schedule.first_step_fraction
+    min_gap = first_step / 2
     if polls_done == 0:
         when = submitted_at + model.quantile(schedule.first_quantile)
     else:
-        step = median * schedule.first_step_fraction * schedule.growth ** (polls_done - 1)
-        step = min(schedule.max_step_s, step)
+        exponent = min(polls_done - 1, 64)  # the cap wins long before; avoid overflow
+        step = min(schedule.max_step_s, first_step * schedule.growth**exponent)
         step *= 1.0 + rng.uniform(-schedule.jitter, schedule.jitter)
         when = now + step
-    latest = deadline - schedule.deadline_margin_s
-    return max(now, min(when, latest))
+    # Poll before the result expires; inside the last margin keep a minimum gap
+    # so a slow request is not polled back-to-back, but never pass the deadline.
+    when = min(when, deadline - schedule.deadline_margin_s)
+    return min(max(when, now + min_gap if polls_done else now), max(now, deadline))

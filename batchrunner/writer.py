@@ -28,6 +28,7 @@ class Writer:
         "_journal_buffer",
         "_lock",
         "_on_result",
+        "_pending",
         "_result_buffer",
         "_results",
         "_wake",
@@ -55,6 +56,7 @@ class Writer:
         self._journal: IO[bytes] | None = None
         self._lock = anyio.Lock()
         self._wake = anyio.Event()
+        self._pending = anyio.Event()
         self._commits = 0
 
     def open(self, *, truncate: bool = False) -> None:
@@ -77,15 +79,22 @@ class Writer:
         self._nudge()
 
     def _nudge(self) -> None:
+        self._pending.set()
         if len(self._journal_buffer) + len(self._result_buffer) >= self._batch:
             self._wake.set()
 
     async def run(self) -> None:
-        """Group-commit loop; runs until cancelled (the final commit is `aclose`)."""
+        """Group-commit loop; runs until cancelled (the final commit is `aclose`).
+
+        Idle, it sleeps until something is buffered; then it commits after
+        `interval_s`, or at once when a full batch is waiting.
+        """
         while True:
+            await self._pending.wait()
             with anyio.move_on_after(self._interval_s):
                 await self._wake.wait()
             self._wake = anyio.Event()
+            self._pending = anyio.Event()
             await self.commit()
 
     async def commit(self) -> None:

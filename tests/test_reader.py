@@ -262,11 +262,6 @@ def test_invalid_line_keeps_its_custom_id() -> None:
     assert item.line == 9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a duplicate is renamed '<id>#line-N', which can collide with a real "
-    "custom_id of the file: two result lines share an id and resume skips a real job",
-)
 def test_renamed_duplicate_never_collides_with_a_real_id() -> None:
     items = parse_all(
         line({"custom_id": "a", "messages": [USER_TEXT]}),
