@@ -9,6 +9,7 @@ import shlex
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -19,6 +20,7 @@ from batchrunner.display import Display, print_summary
 from batchrunner.journal import journal_path_for
 from batchrunner.results import ResultsFileError
 from batchrunner.runner import ConfigError, RunConfig, RunOutcome, run
+from batchrunner.schedule import MODEL_PAGE_LATENCY_S
 
 DEFAULT_BASE_URL = "https://api.segmind.com"
 SIMULATE_TIME_SCALE = 0.05
@@ -137,7 +139,8 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
     if args.restart and not _confirm_restart(output, args.yes):
         print("batchrunner: not restarted", file=sys.stderr)
         return EXIT_USAGE
-    async with _api_origin(args) as (base_url, key, retention_s):
+    async with _api_origin(args) as (base_url, key, time_scale):
+        retention_s = 3600.0 * time_scale
         config = RunConfig(
             jobs_path=jobs,
             output_path=output,
@@ -150,6 +153,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
             restart=args.restart,
             retention_s=retention_s,
             retention_margin_s=min(120.0, retention_s / 30),
+            latency_prior_s=MODEL_PAGE_LATENCY_S * time_scale,
             grace_s=args.grace,
             handle_signals=True,
             seed=args.seed,
@@ -157,7 +161,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
         total = count_job_lines(jobs)
         show = not args.quiet and sys.stderr.isatty()
         with Display(total=total, enabled=show) as display:
-            outcome = await run(config, on_tick=display.update)
+            outcome = await run(config, on_tick=display.update, on_interrupt=_say_interrupted)
     print_summary(outcome, output, total)
     _print_ending(outcome, argv)
     return outcome.exit_code
@@ -165,8 +169,9 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
 
 @asynccontextmanager
 async def _api_origin(args: argparse.Namespace) -> AsyncIterator[tuple[str, ApiKey, float]]:
+    """(base URL, key, time scale): the real API, or a simulator on loopback."""
     if not args.simulate:
-        yield args.base_url, read_api_key(args), 3600.0
+        yield args.base_url, read_api_key(args), 1.0
         return
     from batchrunner.simulator import SimConfig, run_simulator
 
@@ -180,7 +185,20 @@ async def _api_origin(args: argparse.Namespace) -> AsyncIterator[tuple[str, ApiK
     )
     async with run_simulator(sim_config) as sim:
         print(f"batchrunner: simulating the Segmind API at {sim.url}", file=sys.stderr)
-        yield sim.url, ApiKey(key), 3600.0 * SIMULATE_TIME_SCALE
+        yield sim.url, ApiKey(key), SIMULATE_TIME_SCALE
+
+
+def _say_interrupted(in_flight: int, earliest_deadline: float | None, grace_s: float) -> None:
+    if in_flight and earliest_deadline is not None:
+        until = datetime.fromtimestamp(earliest_deadline).strftime("%H:%M:%S")
+        print(
+            f"batchrunner: stopping: no new submits; {in_flight} job(s) in flight, collecting "
+            f"them for up to {grace_s:g} s. They stay collectable by a resume until {until} "
+            "(after that they must be paid for again). Ctrl-C again to stop now.",
+            file=sys.stderr,
+        )
+    else:
+        print("batchrunner: stopping: no new submits, nothing in flight.", file=sys.stderr)
 
 
 def count_job_lines(path: Path) -> int:

@@ -61,6 +61,11 @@ class Poller:
     def tracked_count(self) -> int:
         return len(self._heap) + self._active
 
+    def earliest_deadline(self) -> float | None:
+        """The first retention deadline among followed requests: resume before it."""
+        deadlines = [self._deadline(tracked) for _, _, tracked in self._heap]
+        return min(deadlines) if deadlines else None
+
     def _push(self, tracked: Tracked) -> None:
         heapq.heappush(self._heap, (tracked.next_poll_at, next(self._order), tracked))
         self._wake.set()

@@ -21,7 +21,7 @@ from batchrunner.policy import RETENTION_MARGIN_S, RETENTION_S, RetryPolicy, is_
 from batchrunner.poller import Poller
 from batchrunner.reader import InvalidJob, Job, read_jobs
 from batchrunner.results import ExistingResults, errored, load_results, result_line
-from batchrunner.schedule import LatencyModel, PollSchedule
+from batchrunner.schedule import MODEL_PAGE_LATENCY_S, LatencyModel, PollSchedule
 from batchrunner.submitter import Submitter, Tracked, run_submit_worker
 from batchrunner.writer import Writer
 
@@ -55,6 +55,7 @@ class RunConfig:
     retention_margin_s: float = RETENTION_MARGIN_S
     grace_s: float = 60.0
     handle_signals: bool = False
+    latency_prior_s: float = MODEL_PAGE_LATENCY_S
     seed: int | None = None
 
 
@@ -92,9 +93,16 @@ def default_max_in_flight(rpm: float, latency_p90_s: float, polls_count: bool) -
 
 
 Progress = Callable[[RunContext, Poller], None]
+Interrupted = Callable[[int, float | None, float], None]
+"""Called on the first signal with (jobs in flight, earliest retention deadline, grace seconds)."""
 
 
-async def run(config: RunConfig, *, on_tick: Progress | None = None) -> RunOutcome:
+async def run(
+    config: RunConfig,
+    *,
+    on_tick: Progress | None = None,
+    on_interrupt: Interrupted | None = None,
+) -> RunOutcome:
     """Run the jobs of `config.jobs_path` to completion (or a stop), resuming by default."""
     if not config.jobs_path.is_file():
         raise ConfigError(f"jobs file {config.jobs_path} not found")
@@ -114,7 +122,7 @@ async def run(config: RunConfig, *, on_tick: Progress | None = None) -> RunOutco
     writer = Writer(config.output_path, journal_path, on_result=stats.count_result)
     writer.open(truncate=config.restart)
     budget = RateBudget(config.rpm, config.polls_count, clock, rng)
-    latency = LatencyModel()
+    latency = LatencyModel(prior_s=config.latency_prior_s)
     fixed_limit = config.max_in_flight
     limit = fixed_limit or default_max_in_flight(
         config.rpm, latency.quantile(0.9), budget.polls_count
@@ -137,6 +145,10 @@ async def run(config: RunConfig, *, on_tick: Progress | None = None) -> RunOutco
             )
             submitter = Submitter(ctx)
             poller = Poller(ctx, submitter)
+            if on_interrupt is not None:
+                ctx.on_interrupt = lambda: on_interrupt(
+                    poller.tracked_count, poller.earliest_deadline(), config.grace_s
+                )
             with anyio.CancelScope() as run_scope:
                 ctx.run_scope = run_scope
                 async with anyio.create_task_group() as services:

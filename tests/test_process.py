@@ -407,11 +407,6 @@ def sigint_says_what_is_in_flight_and_until_when(directory: Path) -> None:
             batch.kill_all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the first SIGINT does not say how many jobs are in flight nor how long "
-    "they stay collectable (RunContext.on_interrupt is never set)",
-)
 def test_sigint_says_what_is_in_flight_and_until_when(
     request: pytest.FixtureRequest, scenarios: dict[str, Future[Any]]
 ) -> None:
