@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import secrets
 import shlex
@@ -27,6 +28,15 @@ SIMULATE_TIME_SCALE = 0.05
 """--simulate runs 20x faster than real time: an 11.2 s job takes about half a second."""
 
 EXIT_USAGE = 2
+
+SUBCOMMANDS = {
+    "status": "status",
+    "caption": "caption",
+    "report": "report",
+    "export": "export",
+    "diff": "diff",
+}
+"""Other commands, each a module with `main(argv) -> exit code`."""
 
 
 def default_output(jobs: Path) -> Path:
@@ -114,10 +124,9 @@ def read_api_key(args: argparse.Namespace) -> ApiKey:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "status" and not Path("status").exists():
-        from batchrunner.status import main as status_main
-
-        return status_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS and not Path(argv[0]).exists():
+        module = importlib.import_module(f"batchrunner.{SUBCOMMANDS[argv[0]]}")
+        return int(module.main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return anyio.run(_main, args, argv)

@@ -36,9 +36,13 @@ class JobsChangedError(ConfigError):
     """The jobs file changed since the run that wrote the journal."""
 
 
+JobSource = Callable[[], Iterable[Job | InvalidJob]]
+"""Makes a fresh iterator over the jobs each call (the resume check reads them twice)."""
+
+
 @dataclass(slots=True)
 class RunConfig:
-    jobs_path: Path
+    jobs_path: Path | None
     output_path: Path
     api_key: ApiKey
     base_url: str = "https://api.segmind.com"
@@ -57,6 +61,23 @@ class RunConfig:
     handle_signals: bool = False
     latency_prior_s: float = MODEL_PAGE_LATENCY_S
     seed: int | None = None
+    jobs: JobSource | None = None
+    """Jobs from elsewhere than `jobs_path` (a folder of images, a Python iterable)."""
+    jobs_dir: Path | None = None
+    """Folder that relative image paths are resolved against (default: the jobs file's)."""
+
+    def job_source(self) -> JobSource:
+        if self.jobs is not None:
+            return self.jobs
+        path = self.jobs_path
+        if path is None:
+            raise ConfigError("no jobs: give a jobs file or a job source")
+        return lambda: read_jobs(path, self.model)
+
+    def image_dir(self) -> Path:
+        if self.jobs_dir is not None:
+            return self.jobs_dir
+        return self.jobs_path.parent if self.jobs_path is not None else Path.cwd()
 
 
 @dataclass(slots=True)
@@ -103,8 +124,8 @@ async def run(
     on_tick: Progress | None = None,
     on_interrupt: Interrupted | None = None,
 ) -> RunOutcome:
-    """Run the jobs of `config.jobs_path` to completion (or a stop), resuming by default."""
-    if not config.jobs_path.is_file():
+    """Run the jobs of `config` to completion (or a stop), resuming by default."""
+    if config.jobs is None and (config.jobs_path is None or not config.jobs_path.is_file()):
         raise ConfigError(f"jobs file {config.jobs_path} not found")
     journal_path = journal_path_for(config.output_path) if config.journal else None
     if config.restart:
@@ -135,7 +156,7 @@ async def run(
                 writer=writer,
                 clock=clock,
                 stats=stats,
-                jobs_dir=config.jobs_path.parent,
+                jobs_dir=config.image_dir(),
                 retry=config.retry,
                 latency=latency,
                 schedule=config.schedule,
@@ -207,7 +228,7 @@ async def _read(
             ctx.reader_scope = scope
             if ctx.stop_intake.is_set():
                 return
-            for count, item in enumerate(read_jobs(config.jobs_path, config.model)):
+            for count, item in enumerate(config.job_source()()):
                 if count % 256 == 0:
                     await anyio.lowlevel.checkpoint()
                 ctx.stats.jobs_read += 1
@@ -259,7 +280,7 @@ def check_jobs_unchanged(
 ) -> None:
     """Refuse to mix results of two different jobs files under one custom_id."""
     changed: list[str] = []
-    for item in _valid_jobs(read_jobs(config.jobs_path, config.model)):
+    for item in _valid_jobs(config.job_source()()):
         record = journaled.get(item.custom_id)
         if record is not None and record.fingerprint != item.fingerprint:
             changed.append(f"{item.custom_id} (line {item.line})")
