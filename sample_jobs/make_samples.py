@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -45,7 +45,7 @@ def font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def lerp(a: RGB, b: RGB, t: float) -> RGB:
-    return tuple(round(x + (y - x) * t) for x, y in zip(a, b))  # type: ignore[return-value]
+    return tuple(round(x + (y - x) * t) for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
 def vertical_gradient(size: tuple[int, int], top: RGB, bottom: RGB) -> Image.Image:
@@ -66,8 +66,9 @@ def horizontal_gradient(size: tuple[int, int], left: RGB, right: RGB) -> Image.I
     return img
 
 
-def centered_text(draw: ImageDraw.ImageDraw, size: tuple[int, int], text: str,
-                  fill: RGB | int, px: int = 12) -> None:
+def centered_text(
+    draw: ImageDraw.ImageDraw, size: tuple[int, int], text: str, fill: RGB | int, px: int = 12
+) -> None:
     f = font(px)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
     x = (size[0] - (right - left)) // 2 - left
@@ -77,6 +78,7 @@ def centered_text(draw: ImageDraw.ImageDraw, size: tuple[int, int], text: str,
 
 # --------------------------------------------------------------------------
 # the images: (file name, what it shows) -> Image
+
 
 def red_circle() -> Image.Image:
     img = Image.new("RGB", (96, 96), "white")
@@ -137,7 +139,14 @@ def checkerboard() -> Image.Image:
 
 
 def rainbow_stripes() -> Image.Image:
-    colors = [(228, 3, 3), (255, 140, 0), (255, 237, 0), (0, 128, 38), (36, 64, 142), (115, 41, 130)]
+    colors = [
+        (228, 3, 3),
+        (255, 140, 0),
+        (255, 237, 0),
+        (0, 128, 38),
+        (36, 64, 142),
+        (115, 41, 130),
+    ]
     img = Image.new("RGB", (120, 90))
     draw = ImageDraw.Draw(img)
     for i, col in enumerate(colors):
@@ -149,8 +158,13 @@ def stop_sign() -> Image.Image:
     size = (100, 100)
     img = Image.new("RGB", size, (200, 220, 235))
     draw = ImageDraw.Draw(img)
-    pts = [(50 + 42 * math.cos(math.radians(22.5 + 45 * k)),
-            50 + 42 * math.sin(math.radians(22.5 + 45 * k))) for k in range(8)]
+    pts = [
+        (
+            50 + 42 * math.cos(math.radians(22.5 + 45 * k)),
+            50 + 42 * math.sin(math.radians(22.5 + 45 * k)),
+        )
+        for k in range(8)
+    ]
     draw.polygon(pts, fill=(200, 20, 30), outline="white", width=3)
     centered_text(draw, size, "STOP", "white", px=20)
     return img
@@ -230,7 +244,9 @@ def traffic_light() -> Image.Image:
 def concentric_rings() -> Image.Image:
     img = Image.new("RGB", (100, 100), "white")
     draw = ImageDraw.Draw(img)
-    for i, col in enumerate([(0, 0, 0), (255, 255, 255), (200, 0, 0), (255, 255, 255), (200, 0, 0)]):
+    for i, col in enumerate(
+        [(0, 0, 0), (255, 255, 255), (200, 0, 0), (255, 255, 255), (200, 0, 0)]
+    ):
         r = 46 - i * 9
         draw.ellipse([50 - r, 50 - r, 50 + r, 50 + r], fill=col)
     return img
@@ -272,8 +288,9 @@ def open_sign() -> Image.Image:
 
 def arrow_right() -> Image.Image:
     img = Image.new("RGB", (120, 64), "white")
-    ImageDraw.Draw(img).polygon([(8, 24), (72, 24), (72, 8), (112, 32), (72, 56), (72, 40), (8, 40)],
-                                fill=(0, 120, 110))
+    ImageDraw.Draw(img).polygon(
+        [(8, 24), (72, 24), (72, 8), (112, 32), (72, 56), (72, 40), (8, 40)], fill=(0, 120, 110)
+    )
     return img
 
 
@@ -351,8 +368,9 @@ def save_image(name: str, fmt: str, options: dict, draw: Callable) -> None:
     drawn = draw()
     path = IMAGES / name
     if isinstance(drawn, list):  # animated GIF
-        drawn[0].save(path, fmt, save_all=True, append_images=drawn[1:],
-                      duration=500, loop=0, **options)
+        drawn[0].save(
+            path, fmt, save_all=True, append_images=drawn[1:], duration=500, loop=0, **options
+        )
         return
     if fmt == "JPEG" and drawn.mode not in ("RGB", "L"):
         drawn = drawn.convert("RGB")
@@ -377,6 +395,7 @@ def write_images() -> None:
 # --------------------------------------------------------------------------
 # job lines
 
+
 def dumps(obj: object) -> str:
     return json.dumps(obj, ensure_ascii=False)
 
@@ -394,14 +413,25 @@ def caption_messages(file: str) -> list[dict]:
 
 
 def native_caption(custom_id: str, file: str) -> dict:
-    return {"custom_id": custom_id, "instruction": CAPTION_SYSTEM,
-            "messages": caption_messages(file), "temperature": 0.2}
+    return {
+        "custom_id": custom_id,
+        "instruction": CAPTION_SYSTEM,
+        "messages": caption_messages(file),
+        "temperature": 0.2,
+    }
 
 
 def batches_caption(custom_id: str, file: str) -> dict:
-    return {"custom_id": custom_id,
-            "params": {"model": MODEL, "system": CAPTION_SYSTEM, "max_tokens": 200,
-                       "messages": caption_messages(file), "temperature": 0.2}}
+    return {
+        "custom_id": custom_id,
+        "params": {
+            "model": MODEL,
+            "system": CAPTION_SYSTEM,
+            "max_tokens": 200,
+            "messages": caption_messages(file),
+            "temperature": 0.2,
+        },
+    }
 
 
 def caption_jobs() -> list[dict]:
@@ -469,50 +499,98 @@ def eval_jobs() -> list[dict]:
         content: str | list[dict] = prompt if i % 2 == 0 else [text_block(prompt)]
         messages = [{"role": "user", "content": content}]
         if i % 3 == 2:  # every third job in Message Batches shape
-            jobs.append({"custom_id": custom_id,
-                         "params": {"model": MODEL, "system": EVAL_SYSTEM, "max_tokens": 256,
-                                    "messages": messages, "temperature": 0}})
+            jobs.append(
+                {
+                    "custom_id": custom_id,
+                    "params": {
+                        "model": MODEL,
+                        "system": EVAL_SYSTEM,
+                        "max_tokens": 256,
+                        "messages": messages,
+                        "temperature": 0,
+                    },
+                }
+            )
         else:
-            jobs.append({"custom_id": custom_id, "instruction": EVAL_SYSTEM,
-                         "messages": messages, "temperature": 0})
+            jobs.append(
+                {
+                    "custom_id": custom_id,
+                    "instruction": EVAL_SYSTEM,
+                    "messages": messages,
+                    "temperature": 0,
+                }
+            )
     return jobs
 
 
 def text_job(custom_id: str, prompt: str) -> dict:
-    return {"custom_id": custom_id, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
+    return {
+        "custom_id": custom_id,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+    }
 
 
 # (raw line, what batchrunner should make of it)
 BROKEN_LINES: list[tuple[str, str]] = [
-    (dumps(text_job("good-text", "What is 2 + 2? Answer with the number only.")),
-     "good: succeeds"),
-    ('{"custom_id": "bad-json", "messages": [{"role": "user", "content": "hi"}',
-     "invalid JSON (truncated): `invalid_job`, custom_id `line-2`"),
-    (dumps([text_job("bad-array", "An array is not a job.")]),
-     "a JSON array, not an object: `invalid_job`, custom_id `line-3`"),
-    (dumps({"custom_id": "bad-no-messages", "instruction": "Be brief.", "temperature": 0}),
-     "`messages` missing: `invalid_job`"),
-    ("",
-     "blank line: skipped, no result"),
-    (dumps(batches_caption("good-image", "red-circle.png")),
-     "good (Message Batches shape, image path): succeeds"),
-    (dumps({"custom_id": "bad-system-role",
-            "messages": [{"role": "system", "content": "You are a pirate."},
-                         {"role": "user", "content": "Say hello."}],
-            "temperature": 0}),
-     "a message with role `system`: `invalid_job`"),
-    (dumps(native_caption("bad-missing-image", "does-not-exist.png")),
-     "image path that does not exist: `invalid_job`"),
-    (dumps(native_caption("bad-not-an-image", NOT_AN_IMAGE)),
-     "text file named `.jpg`: `invalid_job` (media type comes from bytes)"),
-    (dumps(text_job("good-text", "This line reuses an earlier custom_id.")),
-     "duplicate custom_id `good-text`: `invalid_job` for this line; line 1 is unaffected"),
-    (dumps(text_job("bad-temperature", "Say hello.") | {"temperature": 3}),
-     "`temperature: 3` (allowed 0 to 1): `invalid_job`"),
-    (dumps({"custom_id": "good-native-blocks", "instruction": EVAL_SYSTEM,
-            "messages": [{"role": "user", "content": [text_block("Name a primary colour.")]}],
-            "temperature": 0}),
-     "good: succeeds"),
+    (dumps(text_job("good-text", "What is 2 + 2? Answer with the number only.")), "good: succeeds"),
+    (
+        '{"custom_id": "bad-json", "messages": [{"role": "user", "content": "hi"}',
+        "invalid JSON (truncated): `invalid_job`, custom_id `line-2`",
+    ),
+    (
+        dumps([text_job("bad-array", "An array is not a job.")]),
+        "a JSON array, not an object: `invalid_job`, custom_id `line-3`",
+    ),
+    (
+        dumps({"custom_id": "bad-no-messages", "instruction": "Be brief.", "temperature": 0}),
+        "`messages` missing: `invalid_job`",
+    ),
+    ("", "blank line: skipped, no result"),
+    (
+        dumps(batches_caption("good-image", "red-circle.png")),
+        "good (Message Batches shape, image path): succeeds",
+    ),
+    (
+        dumps(
+            {
+                "custom_id": "bad-system-role",
+                "messages": [
+                    {"role": "system", "content": "You are a pirate."},
+                    {"role": "user", "content": "Say hello."},
+                ],
+                "temperature": 0,
+            }
+        ),
+        "a message with role `system`: `invalid_job`",
+    ),
+    (
+        dumps(native_caption("bad-missing-image", "does-not-exist.png")),
+        "image path that does not exist: `invalid_job`",
+    ),
+    (
+        dumps(native_caption("bad-not-an-image", NOT_AN_IMAGE)),
+        "text file named `.jpg`: `invalid_job` (media type comes from bytes)",
+    ),
+    (
+        dumps(text_job("good-text", "This line reuses an earlier custom_id.")),
+        "duplicate custom_id `good-text`: `invalid_job` for this line; line 1 is unaffected",
+    ),
+    (
+        dumps(text_job("bad-temperature", "Say hello.") | {"temperature": 3}),
+        "`temperature: 3` (allowed 0 to 1): `invalid_job`",
+    ),
+    (
+        dumps(
+            {
+                "custom_id": "good-native-blocks",
+                "instruction": EVAL_SYSTEM,
+                "messages": [{"role": "user", "content": [text_block("Name a primary colour.")]}],
+                "temperature": 0,
+            }
+        ),
+        "good: succeeds",
+    ),
 ]
 
 
@@ -523,12 +601,14 @@ def write_jsonl(name: str, lines: list[str]) -> None:
 # --------------------------------------------------------------------------
 # README
 
+
 def readme(captions: list[dict], evals: list[dict]) -> str:
     n_img = len(IMAGE_SPECS)
     n_cap_batches = sum("params" in j for j in captions)
     n_eval_batches = sum("params" in j for j in evals)
     broken_rows = "\n".join(
-        f"| {n} | {what} |" for n, (_line, what) in enumerate(BROKEN_LINES, start=1))
+        f"| {n} | {what} |" for n, (_line, what) in enumerate(BROKEN_LINES, start=1)
+    )
     return f"""# Sample jobs
 
 Example inputs for `batchrunner`, all generated by `make_samples.py`
@@ -572,8 +652,10 @@ def main() -> None:
     write_jsonl("eval.jsonl", [dumps(j) for j in evals])
     write_jsonl("broken.jsonl", [line for line, _what in BROKEN_LINES])
     (HERE / "README.md").write_bytes(readme(captions, evals).encode())
-    print(f"wrote {len(IMAGE_SPECS) + 1} images, {len(captions)} captions, "
-          f"{len(evals)} eval jobs, {len(BROKEN_LINES)} broken.jsonl lines to {HERE}")
+    print(
+        f"wrote {len(IMAGE_SPECS) + 1} images, {len(captions)} captions, "
+        f"{len(evals)} eval jobs, {len(BROKEN_LINES)} broken.jsonl lines to {HERE}"
+    )
 
 
 if __name__ == "__main__":
