@@ -1,4 +1,5 @@
-"""Local image files: media type from the bytes, size limit, base64 encoding."""
+"""Local image files: media type from the bytes, size limit, base64 encoding
+(checks and resizing in `batchrunner.imagecheck`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,12 @@ ACCEPTED_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image
 
 
 class ImageError(ValueError):
-    """A local image cannot be sent: missing, unreadable, wrong format, too big."""
+    """A local image cannot be sent: missing, unreadable, wrong format, too big,
+    corrupt or truncated. `kind` names the reason for counting (a dry run)."""
+
+    def __init__(self, message: str, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def sniff_media_type(head: bytes) -> str | None:
@@ -33,31 +39,22 @@ def resolve_image_path(path: str, base_dir: Path) -> Path:
     return candidate if candidate.is_absolute() else base_dir / candidate
 
 
-def load_image_block_source(path: str, base_dir: Path) -> dict[str, str]:
-    """Read a local image and return the base64 `source` the API expects.
+def load_image_block_source(
+    path: str, base_dir: Path, max_side: int | None = None
+) -> dict[str, str]:
+    """Read a local image, check it, and return the base64 `source` the API expects.
 
     Called only when the job is submitted, so a million-image jobs file never
-    holds images in memory.
+    holds images in memory. With `max_side`, an image whose longer side is
+    larger is downsized first (see `imagecheck.prepare_image`). Raises
+    ImageError naming `path` and the reason.
     """
-    full = resolve_image_path(path, base_dir)
-    try:
-        size = full.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise ImageError(f"image {path!r} is {size} bytes, over the 5 MB limit")
-        data = full.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"image {path!r} not found (looked at {full})") from None
-    except IsADirectoryError:
-        raise ImageError(f"image {path!r} is a directory") from None
-    except OSError as exc:
-        raise ImageError(f"image {path!r} cannot be read: {exc.strerror or exc}") from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"image {path!r} is {len(data)} bytes, over the 5 MB limit")
-    media_type = sniff_media_type(data[:16])
-    if media_type is None:
-        raise ImageError(f"file {path!r} is not a JPEG, PNG, GIF or WebP image")
+    # Imported here: Pillow is only needed once an image is actually sent.
+    from batchrunner.imagecheck import prepare_image
+
+    prepared = prepare_image(resolve_image_path(path, base_dir), path, max_side)
     return {
         "type": "base64",
-        "media_type": media_type,
-        "data": base64.b64encode(data).decode("ascii"),
+        "media_type": prepared.media_type,
+        "data": base64.b64encode(prepared.data).decode("ascii"),
     }

@@ -1,0 +1,397 @@
+"""Check and prepare local images with Pillow: format and size from the header,
+cheap integrity checks, optional downsizing that respects EXIF orientation.
+
+What the model accepts (SEGMIND_API.md, "The Claude 3.5 Sonnet model"): JPEG,
+PNG, GIF and WebP, at most 5 MB per image after decoding the base64, at most
+8000 pixels a side; an image costs about width x height / 750 input tokens.
+
+Integrity checks stay cheap, one per format:
+- JPEG: a decode at 1/8 scale (``Image.draft``): reads the whole entropy-coded
+  stream, so a truncated file fails, at a fraction of a full decode's cost;
+- PNG: ``Image.verify()``: every chunk's CRC up to IEND, without inflating;
+- GIF: a decode of the first frame (the only one a resized GIF keeps);
+- WebP: the RIFF length against the file length, and libwebp's own open.
+
+Errors are `ImageError`s whose message names the path and the reason and whose
+`kind` says which reason (for counts in a dry run).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from batchrunner.images import MAX_IMAGE_BYTES, ImageError, sniff_media_type
+
+JPEG_QUALITY = 85
+"""Quality of every JPEG and WebP this module encodes (resized images, and the
+JPEG fallback used when that is the only way under 5 MB)."""
+
+MAX_IMAGE_SIDE = 8000
+"""Anthropic refuses images with a side over 8000 pixels."""
+
+PIXELS_PER_IMAGE_TOKEN = 750
+
+MAX_SOURCE_BYTES = 256 * 1024 * 1024
+"""Largest file read for resizing (a bigger one is refused, not loaded into memory)."""
+
+SNIFF_BYTES = 32
+
+_PIL_FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/webp": "WEBP"}
+
+# Image formats the model refuses, recognised by their magic bytes, so that the
+# reason says "a TIFF image" rather than "not an image".
+_OTHER_FORMATS: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"BM", "BMP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"8BPS", "PSD"),
+    (0, b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (0, b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (0, b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+    (0, b"qoif", "QOI"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (4, b"ftypavif", "AVIF"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What the header says about a local image that passed the checks."""
+
+    media_type: str
+    width: int
+    """As stored, before EXIF orientation is applied."""
+    height: int
+    file_bytes: int
+    orientation: int = 1
+    """EXIF orientation tag (1: none; 5 to 8 swap width and height)."""
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        if self.orientation in (5, 6, 7, 8):
+            return self.height, self.width
+        return self.width, self.height
+
+    def needs_resize(self, max_side: int | None) -> bool:
+        return max_side is not None and max(self.width, self.height) > max_side
+
+    def sent_size(self, max_side: int | None) -> tuple[int, int]:
+        """Width and height of the image that would be sent (see `prepare_image`)."""
+        if not self.needs_resize(max_side):
+            return self.width, self.height
+        assert max_side is not None
+        return fit_within(*self.oriented_size, max_side)
+
+    def estimated_sent_bytes(self, max_side: int | None) -> int:
+        """The file's size, or for a resized image its size scaled by the pixel ratio."""
+        if not self.needs_resize(max_side):
+            return self.file_bytes
+        width, height = self.sent_size(max_side)
+        ratio = (width * height) / (self.width * self.height)
+        return max(1, math.ceil(self.file_bytes * ratio))
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """The bytes to send for one image, and what was done to them."""
+
+    media_type: str
+    width: int
+    height: int
+    data: bytes
+    resized: bool = False
+    reencoded_as_jpeg: bool = False
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Input tokens of one image: ceil(width x height / 750), the simulator's formula."""
+    return math.ceil(width * height / PIXELS_PER_IMAGE_TOKEN)
+
+
+def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """Scale (width, height) so the longer side is `max_side`, rounding half up."""
+    if max(width, height) <= max_side:
+        return width, height
+    if width >= height:
+        return max_side, max(1, (2 * height * max_side + width) // (2 * width))
+    return max(1, (2 * width * max_side + height) // (2 * height)), max_side
+
+
+def other_format(head: bytes) -> str | None:
+    """Name of an image format the model refuses, from its magic bytes."""
+    for offset, magic, name in _OTHER_FORMATS:
+        if head[offset : offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def sniff_file(path: Path) -> tuple[str | None, bytes]:
+    """(accepted media type or None, first bytes) of a file; raises OSError."""
+    with path.open("rb") as handle:
+        head = handle.read(SNIFF_BYTES)
+    return sniff_media_type(head), head
+
+
+def not_accepted_error(label: str, head: bytes) -> ImageError:
+    """The error for a file whose magic bytes are none of the accepted formats."""
+    name = other_format(head)
+    if name is not None:
+        return ImageError(
+            f"image {label!r} is a {name} image, not a JPEG, PNG, GIF or WebP image",
+            kind="unsupported_format",
+        )
+    return ImageError(f"file {label!r} is not a JPEG, PNG, GIF or WebP image", kind="not_an_image")
+
+
+def probe_image(path: Path, label: str | None = None) -> ImageInfo:
+    """Check an image from its header plus the cheap integrity check of its format.
+
+    Does not decode the pixels (a JPEG is decoded at 1/8 scale). Raises
+    ImageError naming `label` (default: the path) and the reason.
+    """
+    label = str(path) if label is None else label
+    size = _stat_size(path, label)
+    with _open_file(path, label) as handle:
+        head = handle.read(SNIFF_BYTES)
+        media_type = sniff_media_type(head)
+        if media_type is None:
+            raise not_accepted_error(label, head)
+        handle.seek(0)
+        return _probe(handle, media_type, size, label)
+
+
+def prepare_image(
+    path: Path, label: str | None = None, max_side: int | None = None
+) -> PreparedImage:
+    """The bytes to send for a local image, checked, and downsized when asked.
+
+    Without `max_side` the file's own bytes are sent, and a file over 5 MB or
+    with a side over 8000 pixels is refused. With `max_side`, an image whose
+    longer side is larger is resized to it (EXIF orientation applied first),
+    keeping its format; it is re-encoded as JPEG (quality `JPEG_QUALITY`) only
+    when its own format stays over 5 MB. Animated images keep their first frame
+    when resized.
+    """
+    label = str(path) if label is None else label
+    size = _stat_size(path, label)
+    limit = MAX_IMAGE_BYTES if max_side is None else MAX_SOURCE_BYTES
+    if size > limit:
+        hint = "" if max_side is not None else " (--max-image-side can downsize it)"
+        raise ImageError(
+            f"image {label!r} is {size:,} bytes, over the 5 MB limit{hint}", kind="too_large"
+        )
+    with _open_file(path, label) as handle:
+        data = handle.read()
+    media_type = sniff_media_type(data[:SNIFF_BYTES])
+    if media_type is None:
+        raise not_accepted_error(label, data[:SNIFF_BYTES])
+    info = _probe(io.BytesIO(data), media_type, len(data), label)
+    needs_resize = info.needs_resize(max_side)
+    if not needs_resize and len(data) <= MAX_IMAGE_BYTES:
+        _check_side(info.width, info.height, label)
+        return PreparedImage(media_type, info.width, info.height, data)
+    if not needs_resize and max_side is None:
+        raise ImageError(
+            f"image {label!r} is {len(data):,} bytes, over the 5 MB limit "
+            "(--max-image-side can downsize it)",
+            kind="too_large",
+        )
+    return _reencode(data, info, label, max_side)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _not_found(label: str, path: Path) -> ImageError:
+    return ImageError(f"image {label!r} not found (looked at {path})", kind="not_found")
+
+
+def _stat_size(path: Path, label: str) -> int:
+    try:
+        if path.is_dir():
+            raise ImageError(f"image {label!r} is a directory", kind="not_found")
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(
+            f"image {label!r} not found (looked at {path})", kind="not_found"
+        ) from None
+    except OSError as exc:
+        raise ImageError(
+            f"image {label!r} cannot be read: {exc.strerror or exc}", kind="unreadable"
+        ) from None
+
+
+@contextmanager
+def _open_file(path: Path, label: str) -> Iterator[io.BufferedReader]:
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        raise ImageError(
+            f"image {label!r} not found (looked at {path})", kind="not_found"
+        ) from None
+    except IsADirectoryError:
+        raise ImageError(f"image {label!r} is a directory", kind="not_found") from None
+    except OSError as exc:
+        raise ImageError(
+            f"image {label!r} cannot be read: {exc.strerror or exc}", kind="unreadable"
+        ) from None
+    with handle:
+        yield handle
+
+
+@contextmanager
+def _pillow(label: str) -> Iterator[None]:
+    """Pillow's errors as ImageErrors; its decompression-bomb warning silenced
+    (our own side limit answers such images)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"image {label!r} has too many pixels to be decoded safely", kind="too_many_pixels"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"image {label!r} is corrupt: its header cannot be read", kind="corrupt"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        if "truncated" in text.lower() or isinstance(exc, EOFError):
+            raise ImageError(f"image {label!r} is truncated ({text})", kind="truncated") from None
+        raise ImageError(f"image {label!r} is corrupt ({text})", kind="corrupt") from None
+
+
+def _probe(handle: io.BufferedIOBase, media_type: str, size: int, label: str) -> ImageInfo:
+    start = handle.tell()
+    fmt = [_PIL_FORMATS[media_type]]
+    with _pillow(label):
+        if media_type == "image/webp":
+            _check_riff_length(handle, size, label)
+            handle.seek(start)
+        with Image.open(handle, formats=fmt) as image:
+            width, height = image.size
+            orientation = _orientation(image)
+            if media_type == "image/jpeg":
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                image.load()
+            elif media_type == "image/gif":
+                image.load()
+        if media_type == "image/png":
+            handle.seek(start)
+            with Image.open(handle, formats=fmt) as image:
+                image.verify()  # must come straight after open
+    return ImageInfo(media_type, width, height, size, orientation)
+
+
+def _check_riff_length(handle: io.BufferedIOBase, size: int, label: str) -> None:
+    header = handle.read(12)
+    declared = int.from_bytes(header[4:8], "little") + 8
+    if declared > size:
+        raise ImageError(
+            f"image {label!r} is truncated (its RIFF header says {declared:,} bytes, "
+            f"the file has {size:,})",
+            kind="truncated",
+        )
+
+
+def _orientation(image: Image.Image) -> int:
+    # A PNG whose eXIf chunk comes after the pixels would have to be decoded to
+    # find it: such a PNG counts as unrotated (as most viewers show it).
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block must not make the image unusable
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _check_side(width: int, height: int, label: str) -> None:
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageError(
+            f"image {label!r} is {width}x{height} pixels, over the {MAX_IMAGE_SIDE} pixel "
+            "limit (--max-image-side can downsize it)",
+            kind="too_large",
+        )
+
+
+def _reencode(data: bytes, info: ImageInfo, label: str, max_side: int | None) -> PreparedImage:
+    target = info.sent_size(max_side)
+    _check_side(*target, label)
+    fmt = _PIL_FORMATS[info.media_type]
+    with _pillow(label), Image.open(io.BytesIO(data), formats=[fmt]) as source:
+        if fmt == "JPEG":
+            # Decode at the smallest DCT scale still at least as large as the target.
+            draft = target if info.orientation < 5 else (target[1], target[0])
+            source.draft(source.mode, draft)
+        source.load()
+        image = ImageOps.exif_transpose(source)
+        image = _normalise_mode(image)
+        if image.size != target:
+            image = image.resize(target, Image.Resampling.LANCZOS)
+        encoded = _encode(image, fmt)
+        media_type = info.media_type
+        as_jpeg = False
+        if len(encoded) > MAX_IMAGE_BYTES and fmt != "JPEG":
+            encoded = _encode(_flatten(image), "JPEG")
+            media_type = "image/jpeg"
+            as_jpeg = True
+    if len(encoded) > MAX_IMAGE_BYTES:
+        raise ImageError(
+            f"image {label!r} is still {len(encoded):,} bytes at {target[0]}x{target[1]} "
+            f"pixels as JPEG quality {JPEG_QUALITY}, over the 5 MB limit "
+            "(a smaller --max-image-side would help)",
+            kind="too_large",
+        )
+    return PreparedImage(
+        media_type,
+        target[0],
+        target[1],
+        encoded,
+        resized=info.needs_resize(max_side),
+        reencoded_as_jpeg=as_jpeg,
+    )
+
+
+def _normalise_mode(image: Image.Image) -> Image.Image:
+    """A mode that resizes with a proper filter and saves in every accepted format."""
+    if image.mode in ("RGB", "RGBA", "L", "LA"):
+        return image
+    has_alpha = "transparency" in image.info or image.mode in ("PA", "RGBa", "La")
+    return image.convert("RGBA" if has_alpha else "RGB")
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """JPEG has no alpha: composite on white."""
+    if image.mode in ("RGB", "L"):
+        return image
+    rgba = image.convert("RGBA")
+    background = Image.new("RGB", rgba.size, (255, 255, 255))
+    background.paste(rgba, mask=rgba.getchannel("A"))
+    return background
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "JPEG":
+        _flatten(image).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    elif fmt == "WEBP":
+        image.save(buffer, "WEBP", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, fmt)
+    return buffer.getvalue()
