@@ -9,8 +9,11 @@ against the limit (`auto`: free until the first 429 on a poll).
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 from aiolimiter import AsyncLimiter
@@ -39,14 +42,121 @@ def make_limiter(rpm: float) -> AsyncLimiter:
     return AsyncLimiter(slack, 60.0 / rpm * slack)
 
 
+class _Waiter:
+    __slots__ = ("event", "granted", "key")
+
+    def __init__(self, key: tuple[float, int]) -> None:
+        self.key = key
+        self.granted = False
+        self.event = anyio.Event()
+
+    def __lt__(self, other: _Waiter) -> bool:
+        return self.key < other.key
+
+
+class PriorityGate:
+    """Hands out the limiter's tokens to waiters in priority order (lowest key first).
+
+    aiolimiter serves waiters in arrival order; a batch runner needs the poll
+    of a request about to expire to go before a new submit. One waiter at a
+    time (the "pump") waits on the limiter; each token goes to the most urgent
+    waiter, which may be another task than the pump.
+    """
+
+    __slots__ = ("_heap", "_limiter", "_order", "_pumping")
+
+    def __init__(self, limiter: AsyncLimiter) -> None:
+        self._limiter = limiter
+        self._heap: list[_Waiter] = []
+        self._order = itertools.count()
+        self._pumping = False
+
+    def replace_limiter(self, limiter: AsyncLimiter) -> None:
+        self._limiter = limiter
+
+    @property
+    def waiting(self) -> int:
+        return len(self._heap)
+
+    async def acquire(self, priority: float) -> None:
+        waiter = _Waiter((priority, next(self._order)))
+        heapq.heappush(self._heap, waiter)
+        try:
+            while not waiter.granted:
+                if self._pumping:
+                    await waiter.event.wait()
+                    if not waiter.granted:
+                        waiter.event = anyio.Event()
+                    continue
+                self._pumping = True
+                try:
+                    await self._limiter.acquire()
+                finally:
+                    self._pumping = False
+                top = heapq.heappop(self._heap)
+                top.granted = True
+                top.event.set()
+                self._wake_next_pump()
+        except BaseException:
+            if not waiter.granted:
+                self._heap.remove(waiter)
+                heapq.heapify(self._heap)
+                self._wake_next_pump()
+            raise
+
+    def _wake_next_pump(self) -> None:
+        if self._heap and not self._pumping:
+            self._heap[0].event.set()
+
+
+SUBMIT_PRIORITY = 1_000_000.0
+"""Submits go after polls of requests less than this many seconds from their
+deadline, and before every other poll: the pipeline stays full, and in-flight
+backpressure (max_in_flight) keeps submits from starving polls."""
+URGENT_POLL_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class AimdPolicy:
+    """Additive-increase, multiplicative-decrease of the effective rate (TCP Reno's rule).
+
+    Each successful counted request adds `increase_per_request` requests/min;
+    a 429 multiplies the rate by `decrease_factor`, at most once per
+    `guard_requests` request intervals (one burst of 429s is one signal).
+    """
+
+    increase_per_request: float = 0.04
+    decrease_factor: float = 0.8
+    guard_requests: float = 10.0
+    floor_rpm: float = 1.0
+
+
+def aimd_after_success(effective_rpm: float, ceiling_rpm: float, policy: AimdPolicy) -> float:
+    return min(ceiling_rpm, effective_rpm + policy.increase_per_request)
+
+
+def aimd_after_429(
+    effective_rpm: float, last_decrease_at: float, now: float, policy: AimdPolicy
+) -> tuple[float, float]:
+    """(new rate, time of the decrease) after a 429 at `now`."""
+    guard_s = policy.guard_requests * 60.0 / effective_rpm
+    if now - last_decrease_at < guard_s:
+        return effective_rpm, last_decrease_at
+    return max(policy.floor_rpm, effective_rpm * policy.decrease_factor), now
+
+
 class RateBudget:
     __slots__ = (
+        "_aimd",
         "_clock",
         "_consecutive_429",
         "_cooldown_until",
-        "_limiter",
+        "_gate",
+        "_last_decrease_at",
+        "_limiter_rpm",
         "_polls_count",
         "_rng",
+        "effective_rpm",
         "polls_learned_counting",
         "rate_limited",
         "rpm",
@@ -58,16 +168,21 @@ class RateBudget:
         polls_count: PollsCount,
         clock: Callable[[], float],
         rng: random.Random | None = None,
+        aimd: AimdPolicy | None = None,
     ) -> None:
         if rpm <= 0:
             raise ValueError("rpm must be positive")
         self.rpm = rpm
-        self._limiter = make_limiter(rpm)
+        self.effective_rpm = rpm
+        self._limiter_rpm = rpm
+        self._gate = PriorityGate(make_limiter(rpm))
         self._polls_count = polls_count
         self._clock = clock
         self._rng = rng or random.Random()
+        self._aimd = aimd or AimdPolicy()
         self._cooldown_until = 0.0
         self._consecutive_429 = 0
+        self._last_decrease_at = float("-inf")
         self.rate_limited = 0
         self.polls_learned_counting = False
 
@@ -79,12 +194,16 @@ class RateBudget:
 
     async def acquire_submit(self) -> None:
         await self.wait_cooled_down()
-        await self._limiter.acquire()
+        await self._gate.acquire(SUBMIT_PRIORITY)
 
-    async def acquire_poll(self) -> None:
+    async def acquire_poll(self, seconds_left: float | None = None) -> None:
+        """A token for a status or result GET, when polls count; `seconds_left`
+        (to the retention deadline) orders polls by urgency."""
         await self.wait_cooled_down()
         if self.polls_count:
-            await self._limiter.acquire()
+            left = URGENT_POLL_S * 2 if seconds_left is None else seconds_left
+            priority = left if left < URGENT_POLL_S else SUBMIT_PRIORITY + left
+            await self._gate.acquire(priority)
 
     async def wait_cooled_down(self) -> None:
         while True:
@@ -97,11 +216,16 @@ class RateBudget:
         return self._clock() < self._cooldown_until
 
     def on_rate_limited(self, retry_after_s: float | None, *, is_poll: bool) -> float:
-        """Start (or extend) the shared cool-down; return its length."""
+        """Start (or extend) the shared cool-down and lower the rate; return the pause."""
+        now = self._clock()
         self.rate_limited += 1
         self._consecutive_429 += 1
         if is_poll and self._polls_count is PollsCount.AUTO:
             self.polls_learned_counting = True
+        self.effective_rpm, self._last_decrease_at = aimd_after_429(
+            self.effective_rpm, self._last_decrease_at, now, self._aimd
+        )
+        self._apply_rate()
         if retry_after_s is not None:
             delay = retry_after_s
         else:
@@ -112,15 +236,26 @@ class RateBudget:
                 exp_base=2.0,
                 rng=self._rng,
             )
-        self._cooldown_until = max(self._cooldown_until, self._clock() + delay)
+        self._cooldown_until = max(self._cooldown_until, now + delay)
         return delay
 
-    def on_success(self) -> None:
+    def on_success(self, *, counted: bool = True) -> None:
         self._consecutive_429 = 0
+        if counted:
+            self.effective_rpm = aimd_after_success(self.effective_rpm, self.rpm, self._aimd)
+            self._apply_rate()
+
+    def _apply_rate(self) -> None:
+        # A new bucket only when the rate moved by 2%: cheap, and waiters
+        # already pumping finish at the old pace.
+        if abs(self.effective_rpm - self._limiter_rpm) >= 0.02 * self._limiter_rpm:
+            self._limiter_rpm = self.effective_rpm
+            self._gate.replace_limiter(make_limiter(self.effective_rpm))
 
     def statistics(self) -> dict[str, float | bool]:
         return {
             "rpm": self.rpm,
+            "effective_rpm": round(self.effective_rpm, 2),
             "rate_limited": self.rate_limited,
             "polls_count": self.polls_count,
             "cooling_down": self.cooling_down(),

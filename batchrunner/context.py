@@ -16,7 +16,7 @@ import anyio
 from batchrunner.api import SegmindClient
 from batchrunner.budget import RateBudget
 from batchrunner.policy import RETENTION_S, RetryPolicy
-from batchrunner.schedule import LatencyModel, PollSchedule
+from batchrunner.schedule import EAGER_SCHEDULE, FRUGAL_SCHEDULE, LatencyModel, PollSchedule
 from batchrunner.writer import Writer
 
 
@@ -80,7 +80,7 @@ class RunContext:
     jobs_dir: Path
     retry: RetryPolicy
     latency: LatencyModel
-    schedule: PollSchedule
+    schedule: PollSchedule | None  # None: frugal when polls count, eager when free
     in_flight: anyio.CapacityLimiter
     rng: random.Random
     retention_s: float = RETENTION_S
@@ -91,6 +91,11 @@ class RunContext:
     reader_scope: anyio.CancelScope | None = None
     on_interrupt: Callable[[], None] | None = None
     grace_deadline: float | None = None
+
+    def poll_schedule(self) -> PollSchedule:
+        if self.schedule is not None:
+            return self.schedule
+        return FRUGAL_SCHEDULE if self.budget.polls_count else EAGER_SCHEDULE
 
     def stop_submitting(self, fatal_message: str | None = None) -> None:
         if fatal_message and self.fatal_message is None:

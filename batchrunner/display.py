@@ -70,7 +70,7 @@ class Display:
         table.add_row("submitted", f"{stats.submitted:,}", "429s", f"{stats.rate_limited:,}")
         table.add_row(
             "requests/min",
-            f"{req_rate * 60:,.1f} (budget {ctx.budget.rpm:g})",
+            f"{req_rate * 60:,.1f} (rate {ctx.budget.effective_rpm:,.1f} of {ctx.budget.rpm:g})",
             "polls count",
             "yes" if ctx.budget.polls_count else "no",
         )

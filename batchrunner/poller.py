@@ -47,6 +47,7 @@ class Poller:
         """Start following a request (fresh from submit, or from the journal on resume)."""
         now = self.ctx.clock()
         tracked.next_poll_at = self._schedule(tracked, now)
+        tracked.first_poll_at = tracked.next_poll_at
         self._push(tracked)
         self.ctx.stats.in_flight += 1
         if resumed:
@@ -80,7 +81,7 @@ class Poller:
             now=now,
             deadline=self._deadline(tracked),
             model=self.ctx.latency,
-            schedule=self.ctx.schedule,
+            schedule=self.ctx.poll_schedule(),
             rng=self.ctx.rng,
         )
 
@@ -120,10 +121,15 @@ class Poller:
 
     async def _poll(self, tracked: Tracked) -> None:
         ctx = self.ctx
-        await ctx.budget.acquire_poll()
+        await ctx.budget.acquire_poll(self._deadline(tracked) - ctx.clock())
         ctx.stats.requests["status"] += 1
         tracked.polls += 1
+        asked_at = ctx.clock()
         verdict = await self._ask(ctx.client.status, tracked, tracked.status_url)
+        if verdict.action is Action.PENDING:
+            tracked.pending_seen_at = asked_at
+        elif verdict.action in (Action.COMPLETED, Action.JOB_FAILED):
+            self._observe_latency(tracked, asked_at)
         if verdict.action is Action.COMPLETED:
             await self._fetch(tracked)
             return
@@ -132,7 +138,7 @@ class Poller:
     async def _fetch(self, tracked: Tracked) -> None:
         ctx = self.ctx
         while True:
-            await ctx.budget.acquire_poll()
+            await ctx.budget.acquire_poll(self._deadline(tracked) - ctx.clock())
             ctx.stats.requests["result"] += 1
             try:
                 response = await ctx.client.result(tracked.request_id, tracked.response_url)
@@ -145,7 +151,7 @@ class Poller:
             if verdict.action is Action.COMPLETED:
                 message = decode_output(body)
                 if message is not None:
-                    ctx.budget.on_success()
+                    ctx.budget.on_success(counted=ctx.budget.polls_count)
                     self._finish(tracked, succeeded(message))
                     return
                 verdict = Verdict(
@@ -182,13 +188,12 @@ class Poller:
         now = ctx.clock()
         action = verdict.action
         if action is Action.PENDING:
-            ctx.budget.on_success()
+            ctx.budget.on_success(counted=ctx.budget.polls_count)
             tracked.not_found = 0
             tracked.transient = 0
             self._reschedule(tracked, self._schedule(tracked, now))
         elif action is Action.JOB_FAILED:
-            ctx.budget.on_success()
-            self._observe_latency(tracked, now)
+            ctx.budget.on_success(counted=ctx.budget.polls_count)
             self._finish(
                 tracked,
                 errored(
@@ -287,14 +292,26 @@ class Poller:
             self._active -= 1
             self._wake.set()
 
-    def _observe_latency(self, tracked: Tracked, now: float) -> None:
-        self.ctx.latency.observe(now - tracked.submitted_at)
+    def _observe_latency(self, tracked: Tracked, done_answer_at: float) -> None:
+        """Feed the latency model an estimate of when the request finished.
+
+        The finish lies between the last PENDING answer and the first done
+        answer: the midpoint when both are known. When the very first poll
+        already found it done, only an upper bound is known; the poll's
+        *scheduled* time stands in for it, not the time it was answered: under
+        a saturated budget a poll waits for its token, and learning that wait
+        as latency would lengthen the schedule and the in-flight limit, which
+        lengthens the wait (a feedback loop seen in the budget benchmark).
+        """
+        if tracked.pending_seen_at is not None:
+            finished = (tracked.pending_seen_at + done_answer_at) / 2
+        else:
+            finished = min(done_answer_at, tracked.first_poll_at or done_answer_at)
+        self.ctx.latency.observe(finished - tracked.submitted_at)
 
     def _finish(self, tracked: Tracked, result: dict[str, Any]) -> None:
         ctx = self.ctx
         now = ctx.clock()
-        if result["type"] == "succeeded":
-            self._observe_latency(tracked, now)
         ctx.writer.write_result(
             result_line(
                 tracked.job.custom_id,

@@ -53,7 +53,7 @@ class RunConfig:
     restart: bool = False
     journal: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    schedule: PollSchedule = field(default_factory=PollSchedule)
+    schedule: PollSchedule | None = None
     http: HttpSettings = field(default_factory=HttpSettings)
     retention_s: float = RETENTION_S
     retention_margin_s: float = RETENTION_MARGIN_S
@@ -101,14 +101,20 @@ class RunOutcome:
 
 
 def default_max_in_flight(rpm: float, latency_p90_s: float, polls_count: bool) -> int:
-    """Little's law: in flight = throughput x latency, with headroom.
+    """Little's law: in flight = throughput x time in the system, with headroom.
 
     Throughput is rpm/3 jobs per minute when polls count (submit, status,
-    result), rpm when they do not. Capped so that every in-flight request can
-    still be fetched inside the retention hour at the request budget.
+    result), rpm when they do not. When polls count the budget is the
+    bottleneck: any in-flight job beyond throughput x latency only waits,
+    finished, for a poll token (a longer detection delay, no more goodput), so
+    the headroom is small. When polls are free, latency is the bottleneck and
+    a generous headroom keeps the submit budget busy through latency spikes.
+    Capped so that every in-flight request can still be fetched inside the
+    retention hour at the request budget.
     """
     jobs_per_s = rpm / 60.0 / (3.0 if polls_count else 1.0)
-    wanted = math.ceil(2.0 * jobs_per_s * latency_p90_s) + 4
+    headroom = 1.5 if polls_count else 2.0
+    wanted = math.ceil(headroom * jobs_per_s * latency_p90_s) + 2
     retention_cap = max(4, int(rpm * 60 / 2))
     return max(4, min(wanted, retention_cap, 10_000))
 

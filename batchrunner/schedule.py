@@ -109,3 +109,12 @@ def next_poll_at(
     # so a slow request is not polled back-to-back, but never pass the deadline.
     when = min(when, deadline - schedule.deadline_margin_s)
     return min(max(when, now + min_gap if polls_done else now), max(now, deadline))
+
+
+FRUGAL_SCHEDULE = PollSchedule(first_quantile=0.85, first_step_fraction=0.1, growth=1.5)
+"""When polls count against the rate limit: every PENDING answer is a job not
+run, so the first poll waits until most requests are done."""
+
+EAGER_SCHEDULE = PollSchedule(first_quantile=0.3, first_step_fraction=0.05, growth=1.3)
+"""When polls are free: notice a finished request within a few percent of the
+median latency."""

@@ -34,6 +34,8 @@ class Tracked:
     not_found: int = 0
     transient: int = 0
     next_poll_at: float = 0.0
+    first_poll_at: float | None = None
+    pending_seen_at: float | None = None  # when a poll last answered QUEUED/PROCESSING
 
 
 class Submitter:

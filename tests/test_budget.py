@@ -9,7 +9,15 @@ import random
 import anyio
 import pytest
 
-from batchrunner.budget import PollsCount, RateBudget
+from batchrunner.budget import (
+    SUBMIT_PRIORITY,
+    AimdPolicy,
+    PollsCount,
+    PriorityGate,
+    RateBudget,
+    aimd_after_429,
+    aimd_after_success,
+)
 
 
 class FakeClock:
@@ -194,6 +202,7 @@ def test_statistics() -> None:
     b, clock = budget(rpm=50.0, polls=PollsCount.AUTO)
     assert b.statistics() == {
         "rpm": 50.0,
+        "effective_rpm": 50.0,
         "rate_limited": 0,
         "polls_count": False,
         "cooling_down": False,
@@ -201,6 +210,7 @@ def test_statistics() -> None:
     b.on_rate_limited(10.0, is_poll=True)
     assert b.statistics() == {
         "rpm": 50.0,
+        "effective_rpm": 40.0,
         "rate_limited": 1,
         "polls_count": True,
         "cooling_down": True,
@@ -292,8 +302,9 @@ async def test_auto_polls_start_counting_after_a_poll_429() -> None:
     start = now()
     for _ in range(4):
         await b.acquire_poll()
-    # 2 s of cool-down, then 4 polls paced 1 s apart.
-    assert now() - start == pytest.approx(2.0 + 3.0, rel=0.02, abs=0.05)
+    # 2 s of cool-down, then 4 polls paced at the (lowered) effective rate.
+    assert b.effective_rpm == pytest.approx(48.0)
+    assert now() - start == pytest.approx(2.0 + 3 * 60 / 48.0, rel=0.02, abs=0.05)
 
 
 @pytest.mark.anyio
@@ -318,7 +329,7 @@ async def test_cool_down_pauses_submits_and_polls_together(polls: PollsCount) ->
             tg.start_soon(poll)
     assert len(released) == 6
     assert all(t >= 30.0 - 0.01 for _, t in released)
-    assert all(t <= 30.0 + 5 * 0.25 + 0.01 for _, t in released)
+    assert all(t <= 30.0 + 5 * 60 / b.effective_rpm + 0.01 for _, t in released)
 
 
 @pytest.mark.anyio
@@ -343,3 +354,63 @@ async def test_wait_cooled_down_returns_at_once_when_not_cooling() -> None:
     start = now()
     await b.wait_cooled_down()
     assert now() - start == 0.0
+
+
+# --------------------------------------------------------------------------- AIMD and priority
+
+
+def test_aimd_decreases_once_per_burst_and_recovers_additively() -> None:
+    policy = AimdPolicy()
+    rate, at = aimd_after_429(50.0, float("-inf"), 100.0, policy)
+    assert (rate, at) == (40.0, 100.0)
+    # A second 429 inside the guard (10 request intervals at 40 rpm = 15 s) is the same signal.
+    assert aimd_after_429(rate, at, 110.0, policy) == (40.0, 100.0)
+    assert aimd_after_429(rate, at, 116.0, policy) == (32.0, 116.0)
+    for _ in range(100):
+        rate = aimd_after_success(rate, 50.0, policy)
+    assert rate == pytest.approx(44.0)
+    for _ in range(1000):
+        rate = aimd_after_success(rate, 50.0, policy)
+    assert rate == 50.0
+
+
+def test_rate_never_below_the_floor() -> None:
+    policy = AimdPolicy(floor_rpm=2.0)
+    rate, at = 2.1, float("-inf")
+    for step in range(10):
+        rate, at = aimd_after_429(rate, at, 1000.0 * step, policy)
+    assert rate == 2.0
+
+
+@pytest.mark.anyio
+async def test_priority_gate_serves_the_most_urgent_waiter_first() -> None:
+    from aiolimiter import AsyncLimiter
+
+    gate = PriorityGate(AsyncLimiter(1, 1.0))
+    await gate.acquire(0)  # empties the bucket: the next tokens come one per second
+    served: list[str] = []
+
+    async def take(name: str, priority: float, delay: float) -> None:
+        await anyio.sleep(delay)
+        await gate.acquire(priority)
+        served.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take, "submit-1", SUBMIT_PRIORITY, 0.0)
+        tg.start_soon(take, "submit-2", SUBMIT_PRIORITY, 0.1)
+        tg.start_soon(take, "normal-poll", SUBMIT_PRIORITY + 5000, 0.1)
+        tg.start_soon(take, "urgent-poll", 30.0, 0.2)
+    assert served == ["urgent-poll", "submit-1", "submit-2", "normal-poll"]
+
+
+@pytest.mark.anyio
+async def test_priority_gate_survives_a_cancelled_waiter() -> None:
+    from aiolimiter import AsyncLimiter
+
+    gate = PriorityGate(AsyncLimiter(1, 1.0))
+    await gate.acquire(0)
+    with anyio.move_on_after(0.5):
+        await gate.acquire(1)  # the pump, cancelled while waiting
+    assert gate.waiting == 0
+    with anyio.fail_after(2):
+        await gate.acquire(1)

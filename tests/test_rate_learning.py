@@ -1,0 +1,58 @@
+"""Rate learning and budget use, end to end against the simulator in virtual time.
+
+These check the shape of the behaviour (few 429s, most of the budget used);
+the figures with baselines are in benchmarks/bench_budget.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pipeline import KEY, run_jobs, write_jobs
+
+from batchrunner.budget import PollsCount
+from batchrunner.simulator import SimConfig, run_simulator
+
+pytestmark = pytest.mark.anyio
+
+
+async def run_budget_bound(
+    tmp_path: Path, jobs: int, server: SimConfig, **client: Any
+) -> tuple[dict[str, Any], float]:
+    write_jobs(tmp_path / "jobs.jsonl", jobs)
+    loop = asyncio.get_running_loop()
+    async with run_simulator(server) as sim:
+        start = loop.time()
+        outcome, results = await run_jobs(sim.url, tmp_path / "jobs.jsonl", **client)
+        stats = sim.stats.snapshot()
+    assert outcome.exit_code == 0
+    assert len(results) == jobs
+    return stats, loop.time() - start
+
+
+async def test_settles_near_a_real_limit_below_rpm_without_retry_after(tmp_path: Path) -> None:
+    """Server limit 30/min, --rpm 60, no Retry-After: AIMD finds the limit."""
+    server = SimConfig(keys=frozenset({KEY}), rpm=30, retry_after=False, polls_count=False, seed=4)
+    stats, _ = await run_budget_bound(tmp_path, 300, server, rpm=60, polls_count=PollsCount.NO)
+    submits = sorted(info["submitted_at"] for info in stats["per_request"].values())
+    after_first_minute = [t for t in submits if t >= submits[0] + 60]
+    minutes = (after_first_minute[-1] - after_first_minute[0]) / 60
+    goodput = (len(after_first_minute) - 1) / minutes
+    assert goodput >= 0.85 * 30
+    total = sum(stats["requests"].values())
+    assert stats["rate_limited"]["total"] / total < 0.05
+
+
+async def test_polls_that_count_cost_about_one_per_job(tmp_path: Path) -> None:
+    """Polls count at 60/min: close to 3 requests per job and R/3 jobs per minute."""
+    server = SimConfig(keys=frozenset({KEY}), rpm=60, polls_count=True, seed=8)
+    stats, elapsed = await run_budget_bound(
+        tmp_path, 200, server, rpm=60, polls_count=PollsCount.YES
+    )
+    requests = sum(stats["requests"].values())
+    assert requests / 200 <= 3.5
+    lower_bound_s = 200 * 3 / 60 * 60 + 11.2
+    assert lower_bound_s / elapsed >= 0.9
