@@ -58,3 +58,17 @@ def load_image_block_source(
         "media_type": prepared.media_type,
         "data": base64.b64encode(prepared.data).decode("ascii"),
     }
+
+
+def max_side_of(source: dict[str, object]) -> int | None:
+    """The optional `max_side` of a `{"type": "path"}` image source (a positive
+    integer: downsize the image so its longer side is at most that)."""
+    value = source.get("max_side")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ImageError(
+            f"image {source.get('path')!r}: max_side must be a positive integer, got {value!r}",
+            kind="invalid_source",
+        )
+    return value
