@@ -1,0 +1,524 @@
+"""`batchrunner caption SOURCE --prompt TEXT`: caption a folder of images, or the
+images a CSV/JSONL manifest lists, without writing a jobs file by hand.
+
+SOURCE is a folder, walked recursively in sorted order (hidden files and
+folders skipped; images recognised by their magic bytes, whatever their names;
+other files skipped; both counted), or a manifest: a CSV file with a header, or
+a JSONL file of objects, with a path column (`--path-column`, default `path`,
+relative paths resolved against the manifest's folder) and optionally a
+per-image prompt (`--prompt-column`, default `prompt`; `--prompt` is the
+fallback). Jobs are produced lazily, one per image, in Segmind's native shape:
+an image block naming the local file (read, checked and maybe downsized only
+when the job is submitted) and the prompt. `custom_id` is the image's path
+relative to SOURCE (the manifest's path value), so a rerun resumes.
+
+Every run option of `batchrunner JOBS.jsonl` works here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+from batchrunner import cli
+from batchrunner.budget import PollsCount
+from batchrunner.display import Display, print_summary
+from batchrunner.estimate import add_dry_run_options, dry_run, print_report
+from batchrunner.imagecheck import not_accepted_error, other_format, sniff_file
+from batchrunner.reader import MAX_CUSTOM_ID_CHARS, InvalidJob, Job, fingerprint
+from batchrunner.results import ResultsFileError
+from batchrunner.runner import ConfigError, RunConfig, run
+from batchrunner.schedule import MODEL_PAGE_LATENCY_S
+
+MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+SHOWN_SKIPPED = 5
+
+
+@dataclass(slots=True)
+class SourceStats:
+    """What one pass over the source met (reset by every pass)."""
+
+    jobs: int = 0
+    hidden_skipped: int = 0
+    non_images_skipped: int = 0
+    non_image_examples: list[str] = field(default_factory=list)
+    other_skipped: int = 0
+    """Symbolic links to folders, sockets and the like."""
+    unreadable: int = 0
+    complete: bool = False
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.hidden_skipped:
+            notes.append(f"skipped {self.hidden_skipped:,} hidden file(s) or folder(s)")
+        if self.non_images_skipped:
+            shown = ", ".join(self.non_image_examples)
+            more = self.non_images_skipped - len(self.non_image_examples)
+            notes.append(
+                f"skipped {self.non_images_skipped:,} file(s) that are not images: {shown}"
+                + (f" and {more:,} more" if more > 0 else "")
+            )
+        if self.other_skipped:
+            notes.append(f"skipped {self.other_skipped:,} link(s) to folders or special file(s)")
+        if self.unreadable:
+            notes.append(f"could not list {self.unreadable:,} folder(s)")
+        return notes
+
+
+class CaptionSource:
+    """The jobs of a folder or manifest; each call is a fresh lazy pass (a `JobSource`)."""
+
+    def __init__(
+        self,
+        source: Path,
+        *,
+        prompt: str | None,
+        instruction: str | None = None,
+        model: str = "claude-3.5-sonnet",
+        max_side: int | None = None,
+        path_column: str = "path",
+        prompt_column: str = "prompt",
+        path_base: Path | None = None,
+    ) -> None:
+        self.source = source
+        self.is_folder = source.is_dir()
+        self.prompt = prompt
+        self.instruction = instruction
+        self.model = model
+        self.max_side = max_side
+        self.path_column = path_column
+        self.prompt_column = prompt_column
+        root = source if self.is_folder else source.parent
+        self.root = root.resolve()
+        self.path_base = (path_base or root).resolve()
+        """Folder that the image paths in the jobs are relative to (the jobs_dir)."""
+        self.stats = SourceStats()
+
+    def __call__(self) -> Iterator[Job | InvalidJob]:
+        self.stats = SourceStats()
+        items = self._folder() if self.is_folder else self._manifest()
+        for item in items:
+            self.stats.jobs += 1
+            yield item
+        self.stats.complete = True
+
+    def check(self) -> None:
+        """Usage errors found before any job is made (ConfigError)."""
+        if self.is_folder:
+            if not self.prompt:
+                raise ConfigError("--prompt is required to caption a folder")
+            return
+        if manifest_kind(self.source) == "csv":
+            columns = csv_columns(self.source)
+            if self.path_column not in columns:
+                raise ConfigError(
+                    f"manifest {self.source} has no {self.path_column!r} column (columns: "
+                    f"{', '.join(columns) or 'none'}); name it with --path-column"
+                )
+            if not self.prompt and self.prompt_column not in columns:
+                raise ConfigError(
+                    f"manifest {self.source} has no {self.prompt_column!r} column: give --prompt"
+                )
+
+    # ------------------------------------------------------------------ folder
+
+    def _folder(self) -> Iterator[Job | InvalidJob]:
+        prompt = self.prompt or ""
+        for number, (path, relative) in enumerate(self._walk(self.root, ""), start=1):
+            try:
+                media_type, head = sniff_file(path)
+            except OSError as exc:
+                message = f"image {relative!r} cannot be read: {exc.strerror or exc}"
+                yield InvalidJob(_safe_id(relative), number, message)
+                continue
+            if media_type is None:
+                if other_format(head) is None:
+                    self.stats.non_images_skipped += 1
+                    if len(self.stats.non_image_examples) < SHOWN_SKIPPED:
+                        self.stats.non_image_examples.append(relative)
+                    continue
+                yield InvalidJob(
+                    _safe_id(relative), number, str(not_accepted_error(relative, head))
+                )
+                continue
+            yield self._job(relative, path, number, prompt)
+
+    def _walk(self, folder: Path, prefix: str) -> Iterator[tuple[Path, str]]:
+        """(path, path relative to the root, '/'-separated) of every regular file,
+        depth first, each folder's entries sorted by name; hidden ones skipped."""
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(
+                    (entry.name, entry.is_dir(follow_symlinks=False), entry.is_file())
+                    for entry in scan
+                )
+        except OSError:
+            self.stats.unreadable += 1
+            return
+        for name, is_dir, is_file in entries:
+            if name.startswith("."):
+                self.stats.hidden_skipped += 1
+            elif is_dir:
+                yield from self._walk(folder / name, f"{prefix}{name}/")
+            elif is_file:
+                yield folder / name, prefix + name
+            else:
+                self.stats.other_skipped += 1
+
+    # ------------------------------------------------------------------ manifest
+
+    def _manifest(self) -> Iterator[Job | InvalidJob]:
+        rows = (
+            _csv_rows(self.source)
+            if manifest_kind(self.source) == "csv"
+            else _jsonl_rows(self.source)
+        )
+        seen: set[str] = set()
+        for number, row in rows:
+            item = self._manifest_item(number, row)
+            if item.custom_id in seen:
+                message = (
+                    f"line {number}: {self.path_column}: duplicate {item.custom_id!r} "
+                    "(an earlier line has it)"
+                )
+                unique = f"{item.custom_id}#line-{number}"
+                while unique in seen:
+                    unique += "#dup"
+                item = InvalidJob(unique, number, message)
+            seen.add(item.custom_id)
+            yield item
+
+    def _manifest_item(self, number: int, row: Any) -> Job | InvalidJob:
+        fallback = f"line-{number}"
+        if isinstance(row, str):  # a line that is not a JSON object: its error
+            return InvalidJob(fallback, number, f"line {number}: {row}")
+        value = row.get(self.path_column)
+        if not isinstance(value, str) or not value.strip():
+            return InvalidJob(
+                fallback, number, f"line {number}: {self.path_column}: missing or empty"
+            )
+        value = value.strip()
+        prompt = row.get(self.prompt_column)
+        if not isinstance(prompt, str) or not prompt.strip():
+            prompt = self.prompt
+        if not prompt:
+            return InvalidJob(
+                _safe_id(value),
+                number,
+                f"line {number}: {self.prompt_column}: missing, and no --prompt was given",
+            )
+        candidate = Path(value).expanduser()
+        path = candidate if candidate.is_absolute() else self.root / candidate
+        try:
+            media_type, head = sniff_file(path)
+        except FileNotFoundError:
+            return InvalidJob(
+                _safe_id(value), number, f"image {value!r} not found (looked at {path})"
+            )
+        except IsADirectoryError:
+            return InvalidJob(_safe_id(value), number, f"image {value!r} is a directory")
+        except OSError as exc:
+            return InvalidJob(
+                _safe_id(value), number, f"image {value!r} cannot be read: {exc.strerror or exc}"
+            )
+        if media_type is None:
+            return InvalidJob(_safe_id(value), number, str(not_accepted_error(value, head)))
+        return self._job(value, path, number, prompt)
+
+    # ------------------------------------------------------------------ jobs
+
+    def _job(self, custom_id: str, path: Path, number: int, prompt: str) -> Job | InvalidJob:
+        if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            return InvalidJob(
+                _safe_id(custom_id),
+                number,
+                f"image {custom_id[:60]!r}...: path longer than the {MAX_CUSTOM_ID_CHARS} "
+                "characters a custom_id may have",
+            )
+        body = caption_body(self._job_path(path), prompt, self.instruction, self.max_side)
+        return Job(custom_id, number, self.model, body, fingerprint(self.model, body))
+
+    def _job_path(self, path: Path) -> str:
+        """The image's path as the job names it: relative to `path_base` when it can be."""
+        absolute = path if path.is_absolute() else Path.cwd() / path
+        try:
+            return Path(os.path.relpath(absolute, self.path_base)).as_posix()
+        except ValueError:  # another drive (Windows)
+            return str(absolute)
+
+
+def caption_body(
+    image_path: str, prompt: str, instruction: str | None, max_side: int | None
+) -> dict[str, Any]:
+    """A Segmind native request body: the image (a local path) and the prompt."""
+    source: dict[str, Any] = {"type": "path", "path": image_path}
+    if max_side is not None:
+        source["max_side"] = max_side
+    body: dict[str, Any] = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "source": source},
+                    {"type": "text", "text": prompt},
+                ],
+            }
+        ]
+    }
+    if instruction:
+        body["instruction"] = instruction
+    return body
+
+
+def manifest_kind(path: Path) -> str:
+    kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
+    if kind is not None:
+        return kind
+    with path.open("rb") as handle:
+        start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return "jsonl" if start.startswith(b"{") else "csv"
+
+
+def csv_columns(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle, dialect=_dialect(path)), [])
+    return [column.strip() for column in header]
+
+
+def _dialect(path: Path) -> type[csv.Dialect]:
+    return csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle, dialect=_dialect(path))
+        header = [column.strip() for column in next(reader, [])]
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            yield reader.line_num, dict(zip(header, row, strict=False))
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield number, f"not valid JSON ({exc})"
+                continue
+            yield number, row if isinstance(row, dict) else "a manifest line must be an object"
+
+
+def _safe_id(custom_id: str) -> str:
+    if 0 < len(custom_id) <= MAX_CUSTOM_ID_CHARS:
+        return custom_id
+    digest = hashlib.blake2b(custom_id.encode(), digest_size=8).hexdigest()
+    return f"{custom_id[:100]}...#{digest}"
+
+
+def default_output(source: Path) -> Path:
+    """`<folder>.captions.results.jsonl` beside the folder, `<manifest stem>.captions...`
+    beside the manifest."""
+    if source.is_dir():
+        resolved = source.resolve()
+        return resolved.parent / f"{resolved.name}.captions.results.jsonl"
+    return source.with_name(f"{source.stem}.captions.results.jsonl")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The main command's parser (every run option) plus the caption options."""
+    parser = cli.build_parser()
+    parser.prog = "batchrunner caption"
+    parser.usage = (
+        "batchrunner caption SOURCE [--prompt TEXT] [--instruction TEXT] [-o RESULTS.jsonl] "
+        "[--max-image-side N] [--write-jobs JOBS.jsonl] [--dry-run] [run options]"
+    )
+    parser.description = (
+        "Caption every image of a folder (recursively; images recognised by their bytes) or "
+        "of a CSV/JSONL manifest, with the run options of 'batchrunner JOBS.jsonl'."
+    )
+    # Reword the main command's positional and -o for SOURCE (argparse has no
+    # public way to edit an action it already holds).
+    for action in parser._actions:
+        if action.dest == "jobs":
+            action.metavar = "SOURCE"
+            action.help = "folder of images, or a CSV/JSONL manifest with a path column"
+        elif action.dest == "output":
+            action.help = "results file (default SOURCE.captions.results.jsonl beside SOURCE)"
+    parser.add_argument("--prompt", help="what to ask about each image")
+    parser.add_argument("--instruction", help="system prompt for every image")
+    parser.add_argument(
+        "--path-column", default="path", help="manifest column with the image path (%(default)s)"
+    )
+    parser.add_argument(
+        "--prompt-column",
+        default="prompt",
+        help="manifest column with a per-image prompt, else --prompt (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-image-side",
+        type=_positive_int,
+        help="downsize images whose longer side is larger (default: send as they are)",
+    )
+    parser.add_argument(
+        "--write-jobs", type=Path, metavar="JOBS.jsonl", help="write a jobs file, do not run"
+    )
+    if "--dry-run" not in parser._option_string_actions:  # the main command may have them
+        add_dry_run_options(parser)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _caption(args, argv)
+    except (ConfigError, ResultsFileError) as exc:
+        print(f"batchrunner caption: error: {exc}", file=sys.stderr)
+        return cli.EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def make_source(args: argparse.Namespace, path_base: Path | None = None) -> CaptionSource:
+    source_path: Path = args.jobs
+    if not source_path.exists():
+        raise ConfigError(f"{source_path} not found")
+    if not source_path.is_dir() and not source_path.is_file():
+        raise ConfigError(f"{source_path} is neither a folder nor a manifest file")
+    source = CaptionSource(
+        source_path,
+        prompt=args.prompt,
+        instruction=args.instruction,
+        model=args.model,
+        max_side=args.max_image_side,
+        path_column=args.path_column,
+        prompt_column=args.prompt_column,
+        path_base=path_base,
+    )
+    source.check()
+    return source
+
+
+def _caption(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.write_jobs is not None:
+        return write_jobs(make_source(args, args.write_jobs.resolve().parent), args.write_jobs)
+    source = make_source(args)
+    if args.dry_run:
+        report = dry_run(
+            source(),
+            source.path_base,
+            rpm=args.rpm,
+            polls_count={"yes": True, "no": False}.get(args.polls_count),
+            price_in=args.price_in,
+            price_out=args.price_out,
+            output_tokens_per_job=args.output_tokens,
+        )
+        report.notes.extend(source.stats.notes())
+        print_report(report)
+        return report.exit_code
+    output = args.output or default_output(args.jobs)
+    if args.restart and not cli._confirm_restart(output, args.yes):
+        print("batchrunner: not restarted", file=sys.stderr)
+        return cli.EXIT_USAGE
+    return anyio.run(_run, args, argv, source, output)
+
+
+def write_jobs(source: CaptionSource, path: Path) -> int:
+    """Write the source's valid jobs as a jobs file; report the others on stderr."""
+    written = 0
+    invalid: list[InvalidJob] = []
+    with path.open("wb") as handle:
+        for item in source():
+            if isinstance(item, InvalidJob):
+                if len(invalid) < SHOWN_SKIPPED:
+                    invalid.append(item)
+                continue
+            line = {"custom_id": item.custom_id, "model": item.model, **item.body}
+            handle.write(orjson.dumps(line) + b"\n")
+            written += 1
+    skipped = source.stats.jobs - written
+    print(f"batchrunner caption: wrote {written:,} job(s) to {path}", file=sys.stderr)
+    for item in invalid:
+        print(f"batchrunner caption: left out {item.custom_id}: {item.message}", file=sys.stderr)
+    if skipped > len(invalid):
+        print(f"batchrunner caption: ... {skipped - len(invalid):,} more left out", file=sys.stderr)
+    for note in source.stats.notes():
+        print(f"batchrunner caption: {note}", file=sys.stderr)
+    return 0
+
+
+async def _run(
+    args: argparse.Namespace, argv: list[str], source: CaptionSource, output: Path
+) -> int:
+    # Mirrors cli._main, with the caption source instead of a jobs file.
+    async with cli._api_origin(args) as (base_url, key, time_scale):
+        retention_s = 3600.0 * time_scale
+        config = RunConfig(
+            jobs_path=None,
+            output_path=output,
+            api_key=key,
+            base_url=base_url,
+            model=args.model,
+            rpm=args.rpm,
+            max_in_flight=args.max_in_flight,
+            polls_count=PollsCount(args.polls_count),
+            restart=args.restart,
+            retention_s=retention_s,
+            retention_margin_s=min(120.0, retention_s / 30),
+            latency_prior_s=MODEL_PAGE_LATENCY_S * time_scale,
+            grace_s=args.grace,
+            handle_signals=True,
+            seed=args.seed,
+            jobs=source,
+            jobs_dir=source.path_base,
+        )
+        show = not args.quiet and sys.stderr.isatty()
+        total = count_candidates(source) if show else 0
+        with Display(total=total, enabled=show) as display:
+            outcome = await run(config, on_tick=display.update, on_interrupt=cli._say_interrupted)
+    print_summary(outcome, output, source.stats.jobs if source.stats.complete else total)
+    for note in source.stats.notes():
+        print(f"batchrunner caption: {note}", file=sys.stderr)
+    cli._print_ending(outcome, ["caption", *argv])
+    return outcome.exit_code
+
+
+def count_candidates(source: CaptionSource) -> int:
+    """Files that may become jobs (for the progress display; not sniffed, so an upper bound)."""
+    if not source.is_folder:
+        with source.source.open("rb") as handle:
+            lines = sum(1 for line in handle if line.strip())
+        return lines - (manifest_kind(source.source) == "csv")
+    count = 0
+    for _root, folders, files in os.walk(source.root):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        count += sum(1 for name in files if not name.startswith("."))
+    return count
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
