@@ -16,11 +16,12 @@ from pathlib import Path
 import anyio
 
 from batchrunner.api import ApiKey
+from batchrunner.batch import default_results_path
 from batchrunner.budget import PollsCount
 from batchrunner.display import Display, print_summary
+from batchrunner.errors import ConfigError, ResultsFileError
 from batchrunner.journal import journal_path_for
-from batchrunner.results import ResultsFileError
-from batchrunner.runner import ConfigError, RunConfig, RunOutcome, run
+from batchrunner.runner import RunConfig, RunOutcome, run
 from batchrunner.schedule import MODEL_PAGE_LATENCY_S
 
 DEFAULT_BASE_URL = "https://api.segmind.com"
@@ -40,8 +41,7 @@ SUBCOMMANDS = {
 
 
 def default_output(jobs: Path) -> Path:
-    name = jobs.name[: -len(".jsonl")] if jobs.name.endswith(".jsonl") else jobs.name
-    return jobs.with_name(name + ".results.jsonl")
+    return default_results_path(jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,12 +84,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--grace", type=float, default=60.0, help="seconds to keep collecting after Ctrl-C"
     )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="reuse succeeded answers of identical requests from DIR (and store new ones)",
+    )
+    parser.add_argument(
+        "--cache-max-age",
+        type=_duration,
+        metavar="AGE",
+        help="ignore cache entries older than AGE (seconds, or with a unit: 90m, 12h, 7d)",
+    )
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     return parser
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    text = text.strip().lower()
+    scale = units.get(text[-1:], None)
+    number = text[:-1] if scale is not None else text
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a duration like 3600, 90m, 12h or 7d") from None
     if value <= 0:
         raise argparse.ArgumentTypeError("must be positive")
     return value
@@ -166,6 +192,8 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
             grace_s=args.grace,
             handle_signals=True,
             seed=args.seed,
+            cache_dir=args.cache,
+            cache_max_age_s=args.cache_max_age,
         )
         total = count_job_lines(jobs)
         show = not args.quiet and sys.stderr.isatty()

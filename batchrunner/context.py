@@ -15,6 +15,7 @@ import anyio
 
 from batchrunner.api import SegmindClient
 from batchrunner.budget import RateBudget
+from batchrunner.cache import ResponseCache
 from batchrunner.policy import RETENTION_S, RetryPolicy
 from batchrunner.schedule import EAGER_SCHEDULE, FRUGAL_SCHEDULE, LatencyModel, PollSchedule
 from batchrunner.writer import Writer
@@ -52,6 +53,7 @@ class RunStats:
     rate_limited: int = 0
     retries: int = 0
     resubmitted: int = 0
+    cached: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
 
@@ -84,6 +86,7 @@ class RunContext:
     in_flight: anyio.CapacityLimiter
     rng: random.Random
     retention_s: float = RETENTION_S
+    cache: ResponseCache | None = None
     stop_intake: anyio.Event = field(default_factory=anyio.Event)
     fatal_message: str | None = None
     interrupted: bool = False

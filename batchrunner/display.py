@@ -100,6 +100,8 @@ def print_summary(outcome: RunOutcome, output: Path, total_lines: int) -> None:
         table.add_row(kind, f"{stats.results[kind]:,}", f"{outcome.total_results[kind]:,}")
     for error_type, count in sorted(stats.error_types.items()):
         table.add_row(f"  errored: {error_type}", f"{count:,}", "")
+    if stats.cached:
+        table.add_row("from the cache (no request)", f"{stats.cached:,}", "")
     table.add_row("skipped (already done)", f"{stats.skipped_done:,}", "")
     table.add_row("resumed from journal", f"{stats.resumed:,}", "")
     table.add_row("unfinished", f"{outcome.unfinished:,}", "")

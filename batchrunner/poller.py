@@ -151,6 +151,8 @@ class Poller:
             if verdict.action is Action.COMPLETED:
                 message = decode_output(body)
                 if message is not None:
+                    if ctx.cache is not None and tracked.cache_key is not None:
+                        await anyio.to_thread.run_sync(ctx.cache.put, tracked.cache_key, message)
                     ctx.budget.on_success(counted=ctx.budget.polls_count)
                     self._finish(tracked, succeeded(message))
                     return

@@ -11,9 +11,7 @@ from typing import Any
 
 import orjson
 
-
-class ResultsFileError(Exception):
-    """The results file or journal is damaged beyond a torn last line."""
+from batchrunner.errors import ResultsFileError
 
 
 def iso_utc(epoch: float) -> str:

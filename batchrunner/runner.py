@@ -9,13 +9,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 from anyio.abc import ObjectSendStream
 
 from batchrunner.api import ApiKey, HttpSettings, SegmindClient, make_session
 from batchrunner.budget import PollsCount, RateBudget
+from batchrunner.cache import ResponseCache
 from batchrunner.context import LoopClock, RunContext, RunStats
+from batchrunner.errors import ConfigError, JobsChangedError
 from batchrunner.journal import JournalRecord, journal_path_for, load_journal
 from batchrunner.policy import RETENTION_MARGIN_S, RETENTION_S, RetryPolicy, is_collectable
 from batchrunner.poller import Poller
@@ -26,14 +29,6 @@ from batchrunner.submitter import Submitter, Tracked, run_submit_worker
 from batchrunner.writer import Writer
 
 SUBMIT_WORKERS = 16
-
-
-class ConfigError(Exception):
-    """A usage or configuration problem (exit code 2)."""
-
-
-class JobsChangedError(ConfigError):
-    """The jobs file changed since the run that wrote the journal."""
 
 
 JobSource = Callable[[], Iterable[Job | InvalidJob]]
@@ -63,6 +58,13 @@ class RunConfig:
     seed: int | None = None
     jobs: JobSource | None = None
     """Jobs from elsewhere than `jobs_path` (a folder of images, a Python iterable)."""
+    on_result: Callable[[dict[str, Any]], None] | None = None
+    """Called with each result line as it is written (before it is durable)."""
+    should_stop: Callable[[], bool] | None = None
+    """Polled twice a second; True stops the run at once (the journal keeps the rest)."""
+    cache_dir: Path | None = None
+    """Opt-in response cache (see batchrunner.cache)."""
+    cache_max_age_s: float | None = None
     jobs_dir: Path | None = None
     """Folder that relative image paths are resolved against (default: the jobs file's)."""
 
@@ -146,7 +148,12 @@ async def run(
     clock = LoopClock()
     rng = random.Random(config.seed)
     stats = RunStats()
-    writer = Writer(config.output_path, journal_path, on_result=stats.count_result)
+    def on_result(line: dict[str, Any]) -> None:
+        stats.count_result(line)
+        if config.on_result is not None:
+            config.on_result(line)
+
+    writer = Writer(config.output_path, journal_path, on_result=on_result)
     writer.open(truncate=config.restart)
     budget = RateBudget(config.rpm, config.polls_count, clock, rng)
     latency = LatencyModel(prior_s=config.latency_prior_s)
@@ -169,6 +176,9 @@ async def run(
                 in_flight=anyio.CapacityLimiter(limit),
                 rng=rng,
                 retention_s=config.retention_s,
+                cache=ResponseCache(config.cache_dir, config.cache_max_age_s)
+                if config.cache_dir is not None
+                else None,
             )
             submitter = Submitter(ctx)
             poller = Poller(ctx, submitter)
@@ -180,7 +190,9 @@ async def run(
                 ctx.run_scope = run_scope
                 async with anyio.create_task_group() as services:
                     services.start_soon(writer.run)
-                    services.start_soon(_tick, ctx, poller, on_tick, fixed_limit is None)
+                    services.start_soon(
+                        _tick, ctx, poller, on_tick, fixed_limit is None, config.should_stop
+                    )
                     if config.handle_signals:
                         services.start_soon(_watch_signals, ctx, config.grace_s)
                     await _pipeline(ctx, config, submitter, poller, existing, journaled)
@@ -304,10 +316,18 @@ def _valid_jobs(items: Iterable[Job | InvalidJob]) -> Iterator[Job]:
     return (item for item in items if isinstance(item, Job))
 
 
-async def _tick(ctx: RunContext, poller: Poller, on_tick: Progress | None, adapt: bool) -> None:
+async def _tick(
+    ctx: RunContext,
+    poller: Poller,
+    on_tick: Progress | None,
+    adapt: bool,
+    should_stop: Callable[[], bool] | None,
+) -> None:
     """Refresh the progress display and re-derive max-in-flight from learned latency."""
     while True:
         await anyio.sleep(0.5)
+        if should_stop is not None and should_stop():
+            ctx.abort_run()
         if adapt and ctx.latency.count >= 8:
             ctx.in_flight.total_tokens = default_max_in_flight(
                 ctx.budget.rpm, ctx.latency.quantile(0.9), ctx.budget.polls_count

@@ -10,12 +10,13 @@ import anyio
 from anyio.abc import ObjectReceiveStream
 
 from batchrunner.api import TransportError
+from batchrunner.cache import cache_key
 from batchrunner.context import RunContext
 from batchrunner.images import ImageError
 from batchrunner.journal import JournalRecord
 from batchrunner.policy import Action, classify_submit, compute_backoff
 from batchrunner.reader import Job, materialize_body
-from batchrunner.results import errored, result_line
+from batchrunner.results import errored, result_line, succeeded
 
 
 @dataclass(slots=True)
@@ -36,6 +37,7 @@ class Tracked:
     next_poll_at: float = 0.0
     first_poll_at: float | None = None
     pending_seen_at: float | None = None  # when a poll last answered QUEUED/PROCESSING
+    cache_key: str | None = None
 
 
 class Submitter:
@@ -60,6 +62,14 @@ class Submitter:
                 attempts=prior_attempts,
             )
             return None
+        key: str | None = None
+        if ctx.cache is not None:
+            key = cache_key(job.model, body)
+            message = await anyio.to_thread.run_sync(ctx.cache.get, key)
+            if message is not None:
+                ctx.stats.cached += 1
+                self._finish(job, succeeded(message), borrower, attempts=0, cached=True)
+                return None
         attempts = prior_attempts
         transient = 0
         while True:
@@ -91,6 +101,7 @@ class Submitter:
                     borrower=borrower,
                     status_url=_str_or_none(payload.get("status_url")),
                     response_url=_str_or_none(payload.get("response_url")),
+                    cache_key=key,
                 )
                 ctx.writer.record_submission(
                     JournalRecord(
@@ -151,11 +162,20 @@ class Submitter:
                 delay = max(delay, verdict.retry_after_s)
             await anyio.sleep(delay)
 
-    def _finish(self, job: Job, result: dict[str, Any], borrower: object, *, attempts: int) -> None:
+    def _finish(
+        self,
+        job: Job,
+        result: dict[str, Any],
+        borrower: object,
+        *,
+        attempts: int,
+        cached: bool = False,
+    ) -> None:
         now = self.ctx.clock()
-        self.ctx.writer.write_result(
-            result_line(job.custom_id, result, attempts=attempts, finished_at=now)
-        )
+        line = result_line(job.custom_id, result, attempts=attempts, finished_at=now)
+        if cached:
+            line["cached"] = True
+        self.ctx.writer.write_result(line)
         self.ctx.in_flight.release_on_behalf_of(borrower)
 
 
