@@ -49,7 +49,7 @@ EXIT_USAGE = 2
 DEFAULT_PRICE_IN = 3.0
 DEFAULT_PRICE_OUT = 15.0
 MAX_THROUGHPUT_BUCKETS = 60
-HISTOGRAM_BINS = 20
+HISTOGRAM_BINS = 30
 MAX_SECOND_KEYS = 200_000
 """Past this many distinct finishing seconds (over two days of run), count by minute."""
 
