@@ -9,8 +9,9 @@ Exit code: 0 when no job present in both files changed type, 1 when one did
 (a CI step fails on a regression). Jobs present in one file only do not change
 the exit code unless `--fail-on-missing` is given. 2: usage or unreadable file.
 
-Memory: per job, its id, type, a 16-byte hash of its text and the offset of its
-line, for each file; texts are read back only for the diffs shown.
+Memory: for each job of OLD, its id, type, a 16-byte hash of its text and the
+offset of its line; NEW is streamed against that. Texts are read back only for
+the diffs shown.
 """
 
 from __future__ import annotations
@@ -181,41 +182,67 @@ def _read_texts(path: Path, offsets: Sequence[int]) -> list[str]:
         return [read_row_at(handle, offset).text or "" for offset in offsets]
 
 
+_SEEN = Entry("", None, -1)
+"""Marks an OLD entry once NEW has its job (and a NEW-only id, to skip a duplicate line)."""
+
+
 def diff_runs(
     old_path: Path, new_path: Path, *, show: int = DEFAULT_SHOW, fail_on_missing: bool = False
 ) -> RunDiff:
-    """Compare two results files (raises ResultsReadError when one cannot be read)."""
-    old, new = index_run(old_path), index_run(new_path)
-    only_old = sorted(old.entries.keys() - new.entries.keys())
-    only_new = sorted(new.entries.keys() - old.entries.keys())
+    """Compare two results files (raises ResultsReadError when one cannot be read).
+
+    OLD is indexed (one small entry per job); NEW is streamed against that index.
+    """
+    old = index_run(old_path)
+    entries = old.entries
+    old_jobs = len(entries)
+    new_stats = ReadStats()
+    new_builder = ReportBuilder()
+    new_jobs = 0
+    only_new: list[str] = []
     type_changed: list[tuple[str, str, str]] = []
-    text_changed: list[str] = []
-    for custom_id in sorted(old.entries.keys() & new.entries.keys()):
-        before, after = old.entries[custom_id], new.entries[custom_id]
-        if before.type != after.type:
-            type_changed.append((custom_id, before.type, after.type))
-        elif before.type == "succeeded" and before.text_hash != after.text_hash:
-            text_changed.append(custom_id)
+    text_changed: list[tuple[str, int, int]] = []  # (custom_id, old offset, new offset)
+    for offset, row in iter_rows_at(new_path, new_stats):
+        new_builder.add(row)
+        before = entries.get(row.custom_id)
+        if before is _SEEN:
+            continue  # a second line for the same job: the first is its result
+        new_jobs += 1
+        entries[row.custom_id] = _SEEN
+        if before is None:
+            only_new.append(row.custom_id)
+        elif before.type != row.type:
+            type_changed.append((row.custom_id, before.type, row.type))
+        elif row.type == "succeeded" and before.text_hash != text_hash(row.text):
+            text_changed.append((row.custom_id, before.offset, offset))
+    only_old = sorted(cid for cid, entry in entries.items() if entry is not _SEEN)
+    only_new.sort()
+    type_changed.sort()
+    text_changed.sort()
     shown = text_changed[: max(0, show)]
-    old_texts = _read_texts(old_path, [old.entries[c].offset for c in shown])
-    new_texts = _read_texts(new_path, [new.entries[c].offset for c in shown])
+    old_texts = _read_texts(old_path, [old_offset for _, old_offset, _ in shown])
+    new_texts = _read_texts(new_path, [new_offset for _, _, new_offset in shown])
     examples = [
-        TextChange(c, unified_text_diff(c, a, b))
-        for c, a, b in zip(shown, old_texts, new_texts, strict=True)
+        TextChange(cid, unified_text_diff(cid, a, b))
+        for (cid, _, _), a, b in zip(shown, old_texts, new_texts, strict=True)
     ]
-    warnings = [w for run in (old, new) if (w := describe_skipped(run.path, run.stats))]
+    warnings = [
+        w
+        for path, stats in ((old_path, old.stats), (new_path, new_stats))
+        if (w := describe_skipped(path, stats))
+    ]
     return RunDiff(
         old=old_path,
         new=new_path,
-        old_jobs=len(old.entries),
-        new_jobs=len(new.entries),
+        old_jobs=old_jobs,
+        new_jobs=new_jobs,
         only_old=only_old,
         only_new=only_new,
         type_changed=type_changed,
-        text_changed=text_changed,
+        text_changed=[cid for cid, _, _ in text_changed],
         text_examples=examples,
         old_report=old.report,
-        new_report=new.report,
+        new_report=new_builder.build(str(new_path), new_stats.bad_count),
         fail_on_missing=fail_on_missing,
         warnings=warnings,
     )

@@ -451,3 +451,24 @@ def test_diff_of_simulated_runs(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code, data = run_diff(old, new, capsys)
     assert code == 0
     assert data["text_changed"]["custom_ids"] == ["eval-005"]
+
+
+def test_diff_duplicate_lines_count_once(
+    old_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first line of a custom_id is its result, on either side (as resume reads it)."""
+    new = write(
+        tmp_path / "new.results.jsonl",
+        ok("a", "Paris", latency=1.0),
+        failed("a"),  # a later duplicate: ignored
+        ok("b", "line one\nline two", latency=2.0),
+        ok("c", "42", latency=3.0),
+        failed("d"),
+        ok("e", "same", latency=4.0),
+        ok("z", "new"),
+        ok("z", "new again"),
+    )
+    code, data = run_diff(old_run, new, capsys)
+    assert code == 0
+    assert data["type_changed"] == [] and data["only_in_new"] == ["z"]
+    assert data["jobs"] == {"old": 5, "new": 6, "both": 5}
