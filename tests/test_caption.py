@@ -62,7 +62,7 @@ def make_folder(root: Path) -> dict[str, Path]:
         "old.bmp": save(root / "old.bmp", gradient((8, 8)), "BMP"),
     }
     corrupt = root / "corrupt.png"
-    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(400))
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage!" * 50)
     files["corrupt.png"] = corrupt
     whole = (root / "a.jpg").read_bytes()
     truncated = root / "truncated.jpg"
