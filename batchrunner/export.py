@@ -117,12 +117,12 @@ class InputOrder:
             offsets.setdefault(row.custom_id, offset)  # the first line of an id is its result
         with self.results.open("rb") as handle:
             for custom_id in job_ids(self.jobs):
-                offset = offsets.pop(custom_id, None)
-                if offset is None:
+                found = offsets.pop(custom_id, None)
+                if found is None:
                     self.missing += 1
                     yield missing_row(custom_id)
                 else:
-                    yield export_row(read_row_at(handle, offset))
+                    yield export_row(read_row_at(handle, found))
             self.extra = len(offsets)
             for offset in offsets.values():
                 yield export_row(read_row_at(handle, offset))

@@ -241,7 +241,10 @@ def _card(label: str, value: str, note: str = "") -> str:
 def render_html(report: Report, *, generated_at: float | None = None) -> str:
     """The whole page for `report`, as a string."""
     total = report.total
-    share = (lambda n: f"{100 * n / total:.1f}% of {total:,}") if total else (lambda n: "")
+
+    def share(n: int) -> str:
+        return f"{100 * n / total:.1f}% of {total:,}" if total else ""
+
     p50, p90, p99 = report.latency(50), report.latency(90), report.latency(99)
     rate = report.jobs_per_min
     mean_attempts = report.attempts_mean
