@@ -31,14 +31,12 @@ import anyio
 import orjson
 
 from batchrunner import cli
-from batchrunner.budget import PollsCount
 from batchrunner.display import Display, print_summary
 from batchrunner.estimate import add_dry_run_options, dry_run, print_report
 from batchrunner.imagecheck import not_accepted_error, other_format, sniff_file
 from batchrunner.reader import MAX_CUSTOM_ID_CHARS, InvalidJob, Job, fingerprint
 from batchrunner.results import ResultsFileError
-from batchrunner.runner import ConfigError, RunConfig, run
-from batchrunner.schedule import MODEL_PAGE_LATENCY_S
+from batchrunner.runner import ConfigError, run
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SHOWN_SKIPPED = 5
@@ -474,25 +472,13 @@ def write_jobs(source: CaptionSource, path: Path) -> int:
 async def _run(
     args: argparse.Namespace, argv: list[str], source: CaptionSource, output: Path
 ) -> int:
-    # Mirrors cli._main, with the caption source instead of a jobs file.
     async with cli._api_origin(args) as (base_url, key, time_scale):
-        retention_s = 3600.0 * time_scale
-        config = RunConfig(
-            jobs_path=None,
-            output_path=output,
-            api_key=key,
+        config = cli.run_config(
+            args,
+            output=output,
             base_url=base_url,
-            model=args.model,
-            rpm=args.rpm,
-            max_in_flight=args.max_in_flight,
-            polls_count=PollsCount(args.polls_count),
-            restart=args.restart,
-            retention_s=retention_s,
-            retention_margin_s=min(120.0, retention_s / 30),
-            latency_prior_s=MODEL_PAGE_LATENCY_S * time_scale,
-            grace_s=args.grace,
-            handle_signals=True,
-            seed=args.seed,
+            key=key,
+            time_scale=time_scale,
             jobs=source,
             jobs_dir=source.path_base,
         )

@@ -20,8 +20,10 @@ from batchrunner.batch import default_results_path
 from batchrunner.budget import PollsCount
 from batchrunner.display import Display, print_summary
 from batchrunner.errors import ConfigError, ResultsFileError
+from batchrunner.estimate import add_dry_run_options, main_dry_run
 from batchrunner.journal import journal_path_for
-from batchrunner.runner import RunConfig, RunOutcome, run
+from batchrunner.reader import read_jobs
+from batchrunner.runner import JobSource, RunConfig, RunOutcome, run
 from batchrunner.schedule import MODEL_PAGE_LATENCY_S
 
 DEFAULT_BASE_URL = "https://api.segmind.com"
@@ -96,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AGE",
         help="ignore cache entries older than AGE (seconds, or with a unit: 90m, 12h, 7d)",
     )
+    parser.add_argument(
+        "--max-cost",
+        type=_positive_float,
+        metavar="USD",
+        help="stop submitting once spent plus in-flight estimated cost would pass USD "
+        "(in-flight jobs finish; exit 1; resume with a higher cap)",
+    )
+    add_dry_run_options(parser)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -154,6 +164,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(f"batchrunner.{SUBCOMMANDS[argv[0]]}")
         return int(module.main(argv[1:]))
     args = build_parser().parse_args(argv)
+    if args.dry_run:
+        if not args.jobs.is_file():
+            print(f"batchrunner: error: jobs file {args.jobs} not found", file=sys.stderr)
+            return EXIT_USAGE
+        return main_dry_run(
+            read_jobs(args.jobs, args.model),
+            args.jobs.parent,
+            rpm=args.rpm,
+            polls_count=args.polls_count,
+            price_in=args.price_in,
+            price_out=args.price_out,
+            output_tokens_per_job=args.output_tokens,
+        )
     try:
         return anyio.run(_main, args, argv)
     except ConfigError as exc:
@@ -175,25 +198,8 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
         print("batchrunner: not restarted", file=sys.stderr)
         return EXIT_USAGE
     async with _api_origin(args) as (base_url, key, time_scale):
-        retention_s = 3600.0 * time_scale
-        config = RunConfig(
-            jobs_path=jobs,
-            output_path=output,
-            api_key=key,
-            base_url=base_url,
-            model=args.model,
-            rpm=args.rpm,
-            max_in_flight=args.max_in_flight,
-            polls_count=PollsCount(args.polls_count),
-            restart=args.restart,
-            retention_s=retention_s,
-            retention_margin_s=min(120.0, retention_s / 30),
-            latency_prior_s=MODEL_PAGE_LATENCY_S * time_scale,
-            grace_s=args.grace,
-            handle_signals=True,
-            seed=args.seed,
-            cache_dir=args.cache,
-            cache_max_age_s=args.cache_max_age,
+        config = run_config(
+            args, output=output, base_url=base_url, key=key, time_scale=time_scale, jobs_path=jobs
         )
         total = count_job_lines(jobs)
         show = not args.quiet and sys.stderr.isatty()
@@ -202,6 +208,46 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
     print_summary(outcome, output, total)
     _print_ending(outcome, argv)
     return outcome.exit_code
+
+
+def run_config(
+    args: argparse.Namespace,
+    *,
+    output: Path,
+    base_url: str,
+    key: ApiKey,
+    time_scale: float,
+    jobs_path: Path | None = None,
+    jobs: JobSource | None = None,
+    jobs_dir: Path | None = None,
+) -> RunConfig:
+    """The RunConfig of the parsed run options (shared by the main command and `caption`)."""
+    retention_s = 3600.0 * time_scale
+    return RunConfig(
+        jobs_path=jobs_path,
+        output_path=output,
+        api_key=key,
+        base_url=base_url,
+        model=args.model,
+        rpm=args.rpm,
+        max_in_flight=args.max_in_flight,
+        polls_count=PollsCount(args.polls_count),
+        restart=args.restart,
+        retention_s=retention_s,
+        retention_margin_s=min(120.0, retention_s / 30),
+        latency_prior_s=MODEL_PAGE_LATENCY_S * time_scale,
+        grace_s=args.grace,
+        handle_signals=True,
+        seed=args.seed,
+        cache_dir=args.cache,
+        cache_max_age_s=args.cache_max_age,
+        max_cost_usd=args.max_cost,
+        price_in=args.price_in,
+        price_out=args.price_out,
+        output_tokens_per_job=args.output_tokens,
+        jobs=jobs,
+        jobs_dir=jobs_dir,
+    )
 
 
 @asynccontextmanager
@@ -263,6 +309,12 @@ def _print_ending(outcome: RunOutcome, argv: list[str]) -> None:
     if outcome.fatal_message:
         print(f"batchrunner: stopped: {outcome.fatal_message}", file=sys.stderr)
         print(f"batchrunner: resume with: {resume}", file=sys.stderr)
+    elif outcome.cost_capped:
+        print(
+            "batchrunner: stopped at the --max-cost cap; resume with a higher cap: "
+            f"{resume}",
+            file=sys.stderr,
+        )
     elif outcome.interrupted:
         print(f"batchrunner: interrupted; resume with: {resume}", file=sys.stderr)
 

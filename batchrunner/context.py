@@ -87,6 +87,10 @@ class RunContext:
     rng: random.Random
     retention_s: float = RETENTION_S
     cache: ResponseCache | None = None
+    price_in: float = 3.0
+    price_out: float = 15.0
+    cost_estimates: dict[str, float] = field(default_factory=dict)
+    cost_capped: bool = False
     stop_intake: anyio.Event = field(default_factory=anyio.Event)
     fatal_message: str | None = None
     interrupted: bool = False
@@ -94,6 +98,12 @@ class RunContext:
     reader_scope: anyio.CancelScope | None = None
     on_interrupt: Callable[[], None] | None = None
     grace_deadline: float | None = None
+
+    def spent_usd(self) -> float:
+        """Estimated dollars spent so far, from the usage the API reported."""
+        return (
+            self.stats.input_tokens * self.price_in + self.stats.output_tokens * self.price_out
+        ) / 1e6
 
     def poll_schedule(self) -> PollSchedule:
         if self.schedule is not None:

@@ -77,9 +77,10 @@ class Display:
         table.add_row(
             "tokens in/out",
             f"{stats.input_tokens:,} / {stats.output_tokens:,}",
-            "ETA",
-            eta,
+            "cost so far",
+            f"${ctx.spent_usd():,.4f}",
         )
+        table.add_row("ETA", eta, "", "")
         return table
 
 
@@ -109,6 +110,7 @@ def print_summary(outcome: RunOutcome, output: Path, total_lines: int) -> None:
     table.add_row("requests", requests, "")
     table.add_row("429s / retries", f"{stats.rate_limited:,} / {stats.retries:,}", "")
     table.add_row("tokens in / out", f"{stats.input_tokens:,} / {stats.output_tokens:,}", "")
+    table.add_row("estimated cost", f"${outcome.spent_usd:,.4f}", "")
     stderr.print(table)
     stderr.print(
         f"results: {output} ({sum(outcome.total_results.values()):,} of {total_lines:,} jobs)"

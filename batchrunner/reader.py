@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from batchrunner.images import ACCEPTED_MEDIA_TYPES, load_image_block_source
+from batchrunner.images import ACCEPTED_MEDIA_TYPES, load_image_block_source, max_side_of
 
 MAX_CUSTOM_ID_CHARS = 512
 
@@ -220,7 +220,9 @@ def materialize_body(body: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         for block in content:
             source = block.get("source") if block.get("type") == "image" else None
             if isinstance(source, dict) and source.get("type") == "path":
-                block["source"] = load_image_block_source(source["path"], base_dir)
+                block["source"] = load_image_block_source(
+                    source["path"], base_dir, max_side_of(source)
+                )
     return sent
 
 

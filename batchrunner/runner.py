@@ -19,6 +19,15 @@ from batchrunner.budget import PollsCount, RateBudget
 from batchrunner.cache import ResponseCache
 from batchrunner.context import LoopClock, RunContext, RunStats
 from batchrunner.errors import ConfigError, JobsChangedError
+from batchrunner.estimate import (
+    DEFAULT_OUTPUT_TOKENS_PER_JOB,
+    DEFAULT_PRICE_IN,
+    DEFAULT_PRICE_OUT,
+    cost_usd,
+    estimate_job_tokens,
+    output_tokens_for,
+)
+from batchrunner.images import ImageError
 from batchrunner.journal import JournalRecord, journal_path_for, load_journal
 from batchrunner.policy import RETENTION_MARGIN_S, RETENTION_S, RetryPolicy, is_collectable
 from batchrunner.poller import Poller
@@ -62,6 +71,11 @@ class RunConfig:
     """Called with each result line as it is written (before it is durable)."""
     should_stop: Callable[[], bool] | None = None
     """Polled twice a second; True stops the run at once (the journal keeps the rest)."""
+    max_cost_usd: float | None = None
+    """Stop submitting once spent + in-flight estimates would pass this (exit 1, resumable)."""
+    price_in: float = DEFAULT_PRICE_IN
+    price_out: float = DEFAULT_PRICE_OUT
+    output_tokens_per_job: int = DEFAULT_OUTPUT_TOKENS_PER_JOB
     cache_dir: Path | None = None
     """Opt-in response cache (see batchrunner.cache)."""
     cache_max_age_s: float | None = None
@@ -90,6 +104,8 @@ class RunOutcome:
     interrupted: bool
     unfinished: int
     total_results: Counter[str]
+    cost_capped: bool = False
+    spent_usd: float = 0.0
 
     @property
     def exit_code(self) -> int:
@@ -97,6 +113,8 @@ class RunOutcome:
             return 3
         if self.interrupted:
             return 130
+        if self.cost_capped:
+            return 1
         if any(kind != "succeeded" for kind, n in self.total_results.items() if n):
             return 1
         return 0
@@ -148,8 +166,11 @@ async def run(
     clock = LoopClock()
     rng = random.Random(config.seed)
     stats = RunStats()
+    estimates: dict[str, float] = {}  # custom_id -> estimated cost, while in flight
+
     def on_result(line: dict[str, Any]) -> None:
         stats.count_result(line)
+        estimates.pop(line["custom_id"], None)
         if config.on_result is not None:
             config.on_result(line)
 
@@ -176,6 +197,9 @@ async def run(
                 in_flight=anyio.CapacityLimiter(limit),
                 rng=rng,
                 retention_s=config.retention_s,
+                price_in=config.price_in,
+                price_out=config.price_out,
+                cost_estimates=estimates,
                 cache=ResponseCache(config.cache_dir, config.cache_max_age_s)
                 if config.cache_dir is not None
                 else None,
@@ -210,6 +234,8 @@ async def run(
         interrupted=ctx.interrupted,
         unfinished=stats.in_flight,
         total_results=total,
+        cost_capped=ctx.cost_capped,
+        spent_usd=ctx.spent_usd(),
     )
 
 
@@ -276,8 +302,39 @@ async def _read(
                 ):
                     poller.add(_tracked_from_journal(item, record, borrower), resumed=True)
                     continue
+                if config.max_cost_usd is not None and not await _within_budget(ctx, config, item):
+                    ctx.in_flight.release_on_behalf_of(borrower)
+                    return
                 submission = record.attempt + 1 if record is not None else 1
                 await send.send((item, borrower, submission))
+
+
+async def _within_budget(ctx: RunContext, config: RunConfig, job: Job) -> bool:
+    """The cost cap: spent (real usage) + in-flight estimates + this job <= max_cost_usd.
+
+    On reaching the cap, intake stops; in-flight jobs finish, the run exits 1,
+    and a resume with a higher cap carries on.
+    """
+    assert config.max_cost_usd is not None
+    try:
+        input_tokens, _ = await anyio.to_thread.run_sync(
+            estimate_job_tokens, job, ctx.jobs_dir
+        )
+    except ImageError:
+        return True  # the submit path records it as invalid_job, at no cost
+    estimate = cost_usd(
+        input_tokens,
+        output_tokens_for(job, config.output_tokens_per_job),
+        config.price_in,
+        config.price_out,
+    )
+    committed = ctx.spent_usd() + sum(ctx.cost_estimates.values())
+    if committed + estimate > config.max_cost_usd:
+        ctx.cost_capped = True
+        ctx.stop_submitting()
+        return False
+    ctx.cost_estimates[job.custom_id] = estimate
+    return True
 
 
 def _tracked_from_journal(job: Job, record: JournalRecord, borrower: object) -> Tracked:

@@ -350,10 +350,6 @@ def test_resized_folder_jobs_carry_max_side(tmp_path: Path) -> None:
     assert block["source"] == {"type": "path", "path": "p.png", "max_side": 128}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs reader.materialize_body to pass max_side_of(source) to load_image_block_source",
-)
 def test_materialize_downsizes_path_images_with_max_side(tmp_path: Path) -> None:
     save(tmp_path / "p.png", gradient((500, 100)), "PNG")
     (job,) = CaptionSource(tmp_path, prompt="?", max_side=128)()

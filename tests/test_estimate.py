@@ -237,9 +237,5 @@ async def test_dry_run_makes_no_request_and_matches_the_simulated_run(tmp_path: 
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs reader.materialize_body to pass max_side_of(source) to load_image_block_source",
-)
 async def test_dry_run_with_max_side_matches_the_simulated_run(tmp_path: Path) -> None:
     await _dry_run_then_simulate(tmp_path, 64)
