@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ignore cache entries older than AGE (seconds, or with a unit: 90m, 12h, 7d)",
     )
     parser.add_argument(
+        "--expected-latency",
+        type=_positive_float,
+        metavar="S",
+        help="seconds a request is expected to take, until observed (default: the model "
+        "page's 11.2)",
+    )
+    parser.add_argument(
         "--max-cost",
         type=_positive_float,
         metavar="USD",
@@ -235,7 +242,7 @@ def run_config(
         restart=args.restart,
         retention_s=retention_s,
         retention_margin_s=min(120.0, retention_s / 30),
-        latency_prior_s=MODEL_PAGE_LATENCY_S * time_scale,
+        latency_prior_s=(args.expected_latency or MODEL_PAGE_LATENCY_S) * time_scale,
         grace_s=args.grace,
         handle_signals=True,
         seed=args.seed,
@@ -311,8 +318,7 @@ def _print_ending(outcome: RunOutcome, argv: list[str]) -> None:
         print(f"batchrunner: resume with: {resume}", file=sys.stderr)
     elif outcome.cost_capped:
         print(
-            "batchrunner: stopped at the --max-cost cap; resume with a higher cap: "
-            f"{resume}",
+            f"batchrunner: stopped at the --max-cost cap; resume with a higher cap: {resume}",
             file=sys.stderr,
         )
     elif outcome.interrupted:

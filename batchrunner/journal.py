@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from batchrunner.results import ResultsFileError, repair_torn_tail
+from batchrunner.results import ResultsFileError, numbered_lines, repair_torn_tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,26 +61,32 @@ def journal_path_for(results_path: Path) -> Path:
     return results_path.with_name(results_path.name + ".journal")
 
 
-def load_journal(path: Path) -> tuple[dict[str, JournalRecord], int]:
-    """The latest submission of each custom_id, and the torn bytes repaired."""
+def load_journal(
+    path: Path, finished: set[str] | None = None
+) -> tuple[dict[str, JournalRecord], int]:
+    """The latest submission of each unfinished custom_id, and the torn bytes repaired.
+
+    Streams the file and skips jobs in `finished` (they have a result line),
+    so a resume holds records only for the jobs it may still poll.
+    """
     torn = repair_torn_tail(path)
     latest: dict[str, JournalRecord] = {}
     if not path.exists():
         return latest, torn
-    with path.open("rb") as handle:
-        lines = handle.readlines()
-    for number, raw in enumerate(lines, start=1):
+    for number, raw, last in numbered_lines(path):
         if not raw.strip():
             continue
         try:
             record = JournalRecord.from_json(raw)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            if number == len(lines):
+            if last:
                 with path.open("rb+") as handle:
                     handle.truncate(path.stat().st_size - len(raw))
                 torn += len(raw)
                 break
             raise ResultsFileError(f"{path}: line {number} is not a journal record") from None
+        if finished is not None and record.custom_id in finished:
+            continue
         previous = latest.get(record.custom_id)
         if previous is None or record.attempt >= previous.attempt:
             latest[record.custom_id] = record

@@ -35,6 +35,7 @@ class Poller:
         self.submitter = submitter
         self._heap: list[tuple[float, int, Tracked]] = []
         self._order = itertools.count()
+        self._added = itertools.count(1)
         self._wake = anyio.Event()
         self._active = 0
         self._intake_closed = False
@@ -46,6 +47,7 @@ class Poller:
     def add(self, tracked: Tracked, *, resumed: bool = False) -> None:
         """Start following a request (fresh from submit, or from the journal on resume)."""
         now = self.ctx.clock()
+        tracked.probe = next(self._added) % self.ctx.poll_schedule().probe_every == 0
         tracked.next_poll_at = self._schedule(tracked, now)
         tracked.first_poll_at = tracked.next_poll_at
         self._push(tracked)
@@ -83,6 +85,7 @@ class Poller:
             model=self.ctx.latency,
             schedule=self.ctx.poll_schedule(),
             rng=self.ctx.rng,
+            probe=tracked.probe,
         )
 
     # --- the loop -----------------------------------------------------------

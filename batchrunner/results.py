@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,14 +98,29 @@ class ExistingResults:
     torn_bytes: int = 0
 
 
+def numbered_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line, is it the last line) of a file, streamed one line at a time."""
+    with path.open("rb") as handle:
+        previous: bytes | None = None
+        number = 0
+        for raw in handle:
+            if previous is not None:
+                yield number, previous, False
+            number += 1
+            previous = raw
+        if previous is not None:
+            yield number, previous, True
+
+
 def load_results(path: Path) -> ExistingResults:
-    """Which jobs already have a result line (after repairing a torn tail)."""
+    """Which jobs already have a result line (after repairing a torn tail).
+
+    Streams the file: memory is the set of finished ids, not the file.
+    """
     state = ExistingResults(torn_bytes=repair_torn_tail(path))
     if not path.exists():
         return state
-    with path.open("rb") as handle:
-        lines = handle.readlines()
-    for number, raw in enumerate(lines, start=1):
+    for number, raw, last in numbered_lines(path):
         if not raw.strip():
             continue
         try:
@@ -112,7 +128,7 @@ def load_results(path: Path) -> ExistingResults:
             custom_id = item["custom_id"]
             kind = item["result"]["type"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            if number == len(lines):
+            if last:
                 # A complete-looking but garbled last line (e.g. zeros after a
                 # power loss): drop it like a torn one.
                 _truncate_last_line(path, len(raw))

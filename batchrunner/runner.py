@@ -159,7 +159,7 @@ async def run(
         journaled: dict[str, JournalRecord] = {}
     else:
         existing = load_results(config.output_path)
-        journaled = load_journal(journal_path)[0] if journal_path else {}
+        journaled = load_journal(journal_path, existing.done)[0] if journal_path else {}
         if journaled:
             check_jobs_unchanged(config, journaled, existing)
 
@@ -317,9 +317,7 @@ async def _within_budget(ctx: RunContext, config: RunConfig, job: Job) -> bool:
     """
     assert config.max_cost_usd is not None
     try:
-        input_tokens, _ = await anyio.to_thread.run_sync(
-            estimate_job_tokens, job, ctx.jobs_dir
-        )
+        input_tokens, _ = await anyio.to_thread.run_sync(estimate_job_tokens, job, ctx.jobs_dir)
     except ImageError:
         return True  # the submit path records it as invalid_job, at no cost
     estimate = cost_usd(

@@ -78,6 +78,13 @@ class PollSchedule:
     max_step_s: float = 30.0
     jitter: float = 0.1
     deadline_margin_s: float = 60.0
+    probe_every: int = 10
+    probe_quantile: float = 0.25
+    """One request in `probe_every` is first polled early, at `probe_quantile`.
+
+    A first poll that finds the request done only bounds its latency from
+    above; without early probes a model that starts too slow (the prior, or a
+    slow hour) could never learn that the API got faster."""
 
 
 def next_poll_at(
@@ -89,6 +96,7 @@ def next_poll_at(
     model: LatencyModel,
     schedule: PollSchedule,
     rng: random.Random,
+    probe: bool = False,
 ) -> float:
     """Epoch time of the next status poll of one request.
 
@@ -99,7 +107,8 @@ def next_poll_at(
     first_step = median * schedule.first_step_fraction
     min_gap = first_step / 2
     if polls_done == 0:
-        when = submitted_at + model.quantile(schedule.first_quantile)
+        quantile = schedule.probe_quantile if probe else schedule.first_quantile
+        when = submitted_at + model.quantile(min(quantile, schedule.first_quantile))
     else:
         exponent = min(polls_done - 1, 64)  # the cap wins long before; avoid overflow
         step = min(schedule.max_step_s, first_step * schedule.growth**exponent)

@@ -38,6 +38,7 @@ class Tracked:
     first_poll_at: float | None = None
     pending_seen_at: float | None = None  # when a poll last answered QUEUED/PROCESSING
     cache_key: str | None = None
+    probe: bool = False  # first poll early, to learn latency from below
 
 
 class Submitter:
@@ -54,7 +55,9 @@ class Submitter:
         ctx = self.ctx
         try:
             body = await anyio.to_thread.run_sync(materialize_body, job.body, ctx.jobs_dir)
-        except ImageError as exc:
+        except Exception as exc:  # any failure to read this job's images ends this job only
+            if not isinstance(exc, ImageError):
+                exc = ImageError(f"images could not be read: {type(exc).__name__}: {exc}")
             self._finish(
                 job,
                 errored("invalid_job", f"line {job.line}: {exc}", None, line=job.line),

@@ -80,7 +80,10 @@ class Writer:
 
     def _nudge(self) -> None:
         self._pending.set()
-        if len(self._journal_buffer) + len(self._result_buffer) >= self._batch:
+        # Only result lines count towards a full batch: a journal record
+        # always precedes its job's result, so counting both would halve the
+        # batch and double the fsyncs per job.
+        if len(self._result_buffer) >= self._batch or len(self._journal_buffer) >= 4 * self._batch:
             self._wake.set()
 
     async def run(self) -> None:
