@@ -31,6 +31,7 @@ import anyio
 import orjson
 
 from batchrunner import cli
+from batchrunner.argtypes import positive_int
 from batchrunner.display import Display, print_summary
 from batchrunner.estimate import add_dry_run_options, dry_run, print_report
 from batchrunner.imagecheck import not_accepted_error, other_format, sniff_file
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-image-side",
-        type=_positive_int,
+        type=positive_int,
         help="downsize images whose longer side is larger (default: send as they are)",
     )
     parser.add_argument(
@@ -380,13 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
     if "--dry-run" not in parser._option_string_actions:  # the main command may have them
         add_dry_run_options(parser)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

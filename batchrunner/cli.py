@@ -16,6 +16,7 @@ from pathlib import Path
 import anyio
 
 from batchrunner.api import ApiKey
+from batchrunner.argtypes import duration, positive_float, positive_int
 from batchrunner.batch import default_results_path
 from batchrunner.budget import PollsCount
 from batchrunner.display import Display, print_summary
@@ -64,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SEGMIND_BASE_URL", DEFAULT_BASE_URL),
         help="API origin (env SEGMIND_BASE_URL; default %(default)s)",
     )
-    parser.add_argument("--rpm", type=_positive_float, default=50.0, help="requests per minute")
+    parser.add_argument("--rpm", type=positive_float, default=50.0, help="requests per minute")
     parser.add_argument(
-        "--max-in-flight", type=_positive_int, help="most jobs submitted but unfinished"
+        "--max-in-flight", type=positive_int, help="most jobs submitted but unfinished"
     )
     parser.add_argument(
         "--polls-count",
@@ -94,20 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache-max-age",
-        type=_duration,
+        type=duration,
         metavar="AGE",
         help="ignore cache entries older than AGE (seconds, or with a unit: 90m, 12h, 7d)",
     )
     parser.add_argument(
         "--expected-latency",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="seconds a request is expected to take, until observed (default: the model "
         "page's 11.2)",
     )
     parser.add_argument(
         "--max-cost",
-        type=_positive_float,
+        type=positive_float,
         metavar="USD",
         help="stop submitting once spent plus in-flight estimated cost would pass USD "
         "(in-flight jobs finish; exit 1; resume with a higher cap)",
@@ -115,34 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_dry_run_options(parser)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     return parser
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def _duration(text: str) -> float:
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    text = text.strip().lower()
-    scale = units.get(text[-1:], None)
-    number = text[:-1] if scale is not None else text
-    try:
-        value = float(number) * (scale or 1.0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a duration like 3600, 90m, 12h or 7d") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
 
 
 def read_api_key(args: argparse.Namespace) -> ApiKey:

@@ -29,6 +29,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from batchrunner.argtypes import non_negative_float, positive_int
 from batchrunner.budget import PollsCount
 from batchrunner.imagecheck import MAX_IMAGE_SIDE, image_tokens, prepare_image, probe_image
 from batchrunner.images import MAX_IMAGE_BYTES, ImageError, max_side_of, resolve_image_path
@@ -343,19 +344,19 @@ def add_dry_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--price-in",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_PRICE_IN,
         help="dollars per million input tokens (default %(default)s)",
     )
     parser.add_argument(
         "--price-out",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_PRICE_OUT,
         help="dollars per million output tokens (default %(default)s)",
     )
     parser.add_argument(
         "--output-tokens",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_OUTPUT_TOKENS_PER_JOB,
         help="output tokens assumed per job in estimates (default %(default)s)",
     )
@@ -439,17 +440,3 @@ def _duration(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:,.1f} h"
     return f"{seconds / 86400:,.1f} days"
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError("must be a non-negative number")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
