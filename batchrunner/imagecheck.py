@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -276,7 +277,7 @@ def _pillow(label: str) -> Iterator[None]:
         raise ImageError(f"image {label!r} is corrupt ({text})", kind="corrupt") from None
 
 
-def _probe(handle: io.BufferedIOBase, media_type: str, size: int, label: str) -> ImageInfo:
+def _probe(handle: BinaryIO, media_type: str, size: int, label: str) -> ImageInfo:
     start = handle.tell()
     fmt = [_PIL_FORMATS[media_type]]
     with _pillow(label):
@@ -298,7 +299,7 @@ def _probe(handle: io.BufferedIOBase, media_type: str, size: int, label: str) ->
     return ImageInfo(media_type, width, height, size, orientation)
 
 
-def _check_riff_length(handle: io.BufferedIOBase, size: int, label: str) -> None:
+def _check_riff_length(handle: BinaryIO, size: int, label: str) -> None:
     header = handle.read(12)
     declared = int.from_bytes(header[4:8], "little") + 8
     if declared > size:
