@@ -145,7 +145,7 @@ class ResultStream:
             self._thread.start()
         kind, value = await anyio.to_thread.run_sync(self._queue.get)
         if kind == "result":
-            return value  # type: ignore[no-any-return]
+            return value
         self._done = True
         if kind == "error":
             raise value
