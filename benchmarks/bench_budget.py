@@ -1,0 +1,711 @@
+"""Rate-budget benchmarks (issue 4, item 5): batchrunner against the official SDK
+and a plain asyncio loop, on the same time-scaled simulator and the same jobs.
+
+    python benchmarks/bench_budget.py            # full: ~8-10 minutes on 2 cores
+    python benchmarks/bench_budget.py --quick    # ~3-4 minutes, fewer jobs
+
+Each client runs in its own process (benchmarks/budget_clients.py) against a
+fresh simulator process started with the same seed (so the same latency draws
+in submission order), one client at a time. Every figure comes from the
+simulator's /_sim/stats (per_request times are simulator clock seconds; divided
+by the time scale S they are model seconds, the unit everything is reported in):
+
+- goodput: the steady-state rate of fetched results, in jobs per model minute:
+  results fetched between the 10% and the 90% marks / the time between them
+  (the pipeline's fill and drain are in the makespan row instead), and as a
+  fraction of the ideal (R/3 when polls count: submit + one status + one
+  result; R when polls are free);
+- req/job: every HTTP request the server saw (429s included) / jobs; ok req/job
+  without the 429s;
+- 429s: rate-limited answers, and their share of all requests;
+- detection delay: first_result_at - done_at (result fetched minus completed),
+  p50 and p95, in model seconds and as a fraction of the mean latency;
+- makespan: last result fetched - first submit accepted, against the lower bound
+  jobs x requests-per-job / R + one mean latency.
+
+Scenarios: (1) polls count at R; (2) polls free; (3) the server's real limit is
+half the client's --rpm, no Retry-After, figures after the first model minute;
+(4) overhead: no latency, no rate limit, batchrunner alone: jobs/s and CPU ms
+per job of its process (getrusage), the simulator in another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = Path(__file__).resolve().parent / "budget_clients.py"
+LATENCY_S = 11.2
+SIGMA = 0.35
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["SEGMIND_API_KEY"] = "bench-key"
+    return env
+
+
+class Simulator:
+    def __init__(self, *args: str) -> None:
+        command = [sys.executable, "-m", "batchrunner.simulator", "--port", "0", *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, cwd=REPO, env=_env()
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            self.close()
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        self.url = line.removeprefix("listening on ")
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.url + "/_sim/stats", timeout=60) as response:
+            return json.load(response)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Run:
+    label: str
+    client: str
+    report: dict[str, Any]
+    stats: dict[str, Any]
+    snapshot: dict[str, Any] | None
+    child_cpu_s: float
+    child_wall_s: float
+    timed_out: bool
+
+
+def run_client(
+    label: str,
+    client: str,
+    sim_args: list[str],
+    *,
+    jobs: Path,
+    scale: float,
+    rpm: float,
+    polls_count: str = "auto",
+    concurrency: int = 16,
+    seed: int = 0,
+    time_limit_s: float = 300.0,
+    snapshot_after_s: float | None = None,
+    extra: list[str] | None = None,
+) -> Run:
+    """One client process against one fresh simulator process."""
+    sim = Simulator(*sim_args, "--seed", str(seed))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
+            command = [
+                sys.executable, str(CLIENTS), client,
+                "--base-url", sim.url, "--jobs", str(jobs), "--out", str(Path(tmp) / "out.jsonl"),
+                "--scale", str(scale), "--rpm", str(rpm), "--polls-count", polls_count,
+                "--concurrency", str(concurrency), "--seed", str(seed), *(extra or []),
+            ]  # fmt: skip
+            started = time.monotonic()
+            child = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+                env=_env(),
+            )
+            snapshot = None
+            if snapshot_after_s is not None:
+                snapshot = _snapshot_after_first_submit(sim, child, snapshot_after_s)
+            timed_out = False
+            deadline = started + time_limit_s
+            while True:
+                pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    child.kill()
+                    pid, status, usage = os.wait4(child.pid, 0)
+                    break
+                time.sleep(0.05)
+            wall = time.monotonic() - started
+            child.returncode = os.waitstatus_to_exitcode(status)
+            out = child.stdout.read() if child.stdout else ""
+            err = child.stderr.read() if child.stderr else ""
+            report: dict[str, Any] = {}
+            for line in out.splitlines():
+                if line.startswith("{"):
+                    report = json.loads(line)
+            if not report and not timed_out:
+                raise RuntimeError(
+                    f"{label}: client failed (exit {child.returncode}):\n{err[-3000:]}"
+                )
+            stats = sim.stats()
+    finally:
+        sim.close()
+    return Run(
+        label, client, report, stats, snapshot, usage.ru_utime + usage.ru_stime, wall, timed_out
+    )
+
+
+def _snapshot_after_first_submit(
+    sim: Simulator, child: subprocess.Popen[str], after_s: float
+) -> dict[str, Any] | None:
+    """Stats `after_s` clock seconds after the server saw the client's first request."""
+    first_at = None
+    while child.poll() is None:
+        stats = sim.stats()
+        if sum(stats["requests"].values()) > 0:
+            first_at = stats["now"]
+            break
+        time.sleep(0.01)
+    if first_at is None:
+        return None
+    time.sleep(after_s)
+    if child.poll() is not None:
+        return None
+    return sim.stats()
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _rate(times: list[float], scale: float, *, after: float | None = None) -> float:
+    """Results per model minute between the 10% mark (or `after`, if later) and
+    the 90% mark of the sorted fetch times: the steady state, without fill and drain."""
+    if len(times) < 5:
+        return float("nan")
+    lo = times[int(0.1 * (len(times) - 1))]
+    hi = times[int(0.9 * (len(times) - 1))]
+    if after is not None:
+        lo = max(lo, after)
+    count = sum(1 for t in times if lo < t <= hi)
+    span = (hi - lo) / scale / 60.0
+    return count / span if span > 0 else float("nan")
+
+
+@dataclass
+class Figures:
+    label: str
+    jobs: int
+    done: int
+    goodput: float  # jobs per model minute
+    ideal: float
+    requests: int
+    ok_requests: int
+    rate_limited: int
+    det_p50: float
+    det_p95: float
+    seen_lag_p50: float  # done -> first GET that answered COMPLETED (status poll timing)
+    fetch_lag_p50: float  # that answer -> result fetched (queueing for the budget)
+    status_polls: float  # mean status polls per job
+    mean_latency: float
+    makespan: float  # model seconds
+    lower_bound: float
+    client_cpu_s: float
+    concurrency: int
+    timed_out: bool
+    after: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    diagnosis: str = ""
+
+    @property
+    def goodput_frac(self) -> float:
+        return self.goodput / self.ideal
+
+    @property
+    def req_per_job(self) -> float:
+        return self.requests / max(1, self.done)
+
+    @property
+    def ok_req_per_job(self) -> float:
+        return self.ok_requests / max(1, self.done)
+
+    @property
+    def share_429(self) -> float:
+        return self.rate_limited / max(1, self.requests)
+
+
+def figures(run: Run, *, jobs: int, scale: float, rpm: float, polls_count: bool) -> Figures:
+    stats = run.stats
+    per_request = stats["per_request"].values()
+    fetched = [r for r in per_request if r["first_result_at"] is not None and not r["failed"]]
+    done = len({r["body_hash"] for r in fetched})
+    requests = sum(stats["requests"].values())
+    rate_limited = stats["rate_limited"]["total"]
+    latencies = [(r["done_at"] - r["submitted_at"]) / scale for r in per_request]
+    mean_latency = statistics.fmean(latencies) if latencies else float("nan")
+    delays = [(r["first_result_at"] - r["done_at"]) / scale for r in fetched]
+    seen = [(r["first_seen_done_at"] - r["done_at"]) / scale for r in fetched]
+    fetch = [(r["first_result_at"] - r["first_seen_done_at"]) / scale for r in fetched]
+    start = min((r["submitted_at"] for r in per_request), default=0.0)
+    end = max((r["first_result_at"] for r in fetched), default=start)
+    makespan = (end - start) / scale
+    fetched_at = sorted(r["first_result_at"] for r in fetched)
+    per_job = 3.0 if polls_count else 1.0
+    ideal = rpm / per_job
+    lower_bound = jobs * per_job / rpm * 60.0 + mean_latency
+    result = Figures(
+        label=run.label,
+        jobs=jobs,
+        done=done,
+        goodput=_rate(fetched_at, scale),
+        ideal=ideal,
+        requests=requests,
+        ok_requests=requests - rate_limited,
+        rate_limited=rate_limited,
+        det_p50=_quantile(delays, 0.5),
+        det_p95=_quantile(delays, 0.95),
+        seen_lag_p50=_quantile(seen, 0.5),
+        fetch_lag_p50=_quantile(fetch, 0.5),
+        status_polls=statistics.fmean(r["status_polls"] for r in fetched)
+        if fetched
+        else float("nan"),
+        mean_latency=mean_latency,
+        makespan=makespan,
+        lower_bound=lower_bound,
+        client_cpu_s=run.child_cpu_s,
+        concurrency=int(run.report.get("concurrency") or 0),
+        timed_out=run.timed_out,
+        extra=run.report,
+        diagnosis=diagnose(list(per_request), scale) if run.client == "batchrunner" else "",
+    )
+    snap = run.snapshot
+    if snap is not None:
+        t1 = snap["now"]
+        late = [r for r in fetched if r["first_result_at"] > t1]
+        req_after = requests - sum(snap["requests"].values())
+        rl_after = rate_limited - snap["rate_limited"]["total"]
+        result.after = {
+            "done": len(late),
+            "requests": req_after,
+            "rate_limited": rl_after,
+            "share_429": rl_after / max(1, req_after),
+            "goodput": _rate(fetched_at, scale, after=t1),
+            "req_per_job": req_after / max(1, len(late)),
+        }
+    return result
+
+
+# --------------------------------------------------------------------------- printing
+
+
+def _f(value: float, digits: int = 2) -> str:
+    return "n/a" if value != value else f"{value:.{digits}f}"  # NaN check
+
+
+def _ratio(a: float, b: float) -> str:
+    return "n/a" if not b or b != b or a != a else f"{a / b:.2f}x"
+
+
+def table(title: str, rows: list[Figures], after: bool = False) -> str:
+    """Figures as rows, clients as columns, then batchrunner's ratio to each baseline."""
+    head = rows[0]
+    baselines = [r for r in rows if not r.label.startswith("batchrunner")]
+    metrics: list[tuple[str, Any, bool]] = [
+        # (name, getter, higher is better -> ratio shown as br/baseline)
+        (
+            "jobs done / jobs",
+            lambda r: f"{r.done}/{r.jobs}" + (" (TIMED OUT)" if r.timed_out else ""),
+            None,
+        ),
+        ("goodput, jobs/model-min", lambda r: r.goodput, True),
+        ("goodput / ideal", lambda r: r.goodput_frac, True),
+        ("requests / job (all)", lambda r: r.req_per_job, False),
+        ("requests / job (non-429)", lambda r: r.ok_req_per_job, False),
+        ("429s", lambda r: r.rate_limited, False),
+        ("429 share of requests", lambda r: r.share_429, False),
+        ("detection p50, model s", lambda r: r.det_p50, False),
+        ("detection p50 / mean latency", lambda r: r.det_p50 / r.mean_latency, False),
+        ("detection p95, model s", lambda r: r.det_p95, False),
+        ("detection p95 / mean latency", lambda r: r.det_p95 / r.mean_latency, False),
+        ("  of which done -> COMPLETED seen, p50", lambda r: r.seen_lag_p50, False),
+        ("  of which seen -> result fetched, p50", lambda r: r.fetch_lag_p50, False),
+        ("status polls / job (served, non-429)", lambda r: r.status_polls, False),
+        ("makespan, model s", lambda r: r.makespan, False),
+        ("makespan / lower bound", lambda r: r.makespan / r.lower_bound, False),
+        ("client CPU s (process)", lambda r: r.client_cpu_s, False),
+        ("concurrency (peak in flight)", lambda r: r.concurrency, None),
+    ]
+    if after:
+        metrics += [
+            ("after 1st min: jobs", lambda r: r.after.get("done", float("nan")), None),
+            (
+                "after 1st min: goodput, jobs/min",
+                lambda r: r.after.get("goodput", float("nan")),
+                True,
+            ),
+            (
+                "after 1st min: goodput / real limit",
+                lambda r: r.after.get("goodput", float("nan")) / r.ideal,
+                True,
+            ),
+            (
+                "after 1st min: requests / job",
+                lambda r: r.after.get("req_per_job", float("nan")),
+                False,
+            ),
+            ("after 1st min: 429 share", lambda r: r.after.get("share_429", float("nan")), False),
+        ]
+    columns = [r.label for r in rows] + [f"{head.label.split()[0]}/{b.label}" for b in baselines]
+    lines = [
+        f"### {title}",
+        "",
+        "| figure | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for name, get, _higher in metrics:
+        cells = []
+        for r in rows:
+            value = get(r)
+            cells.append(
+                value
+                if isinstance(value, str)
+                else (
+                    str(value) if isinstance(value, int) else _f(value, 3 if abs(value) < 1 else 2)
+                )
+            )
+        for b in baselines:
+            a_value, b_value = get(head), get(b)
+            cells.append(_ratio(a_value, b_value) if _higher is not None else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def check(name: str, ok: bool, detail: str) -> str:
+    return f"{'PASS' if ok else 'FAIL'}  {name}: {detail}"
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def write_jobs(path: Path, count: int) -> None:
+    with path.open("w") as handle:
+        for i in range(count):
+            job = {
+                "custom_id": f"q-{i:06d}",
+                "messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
+                "max_tokens": 64,
+            }
+            handle.write(json.dumps(job, separators=(",", ":")) + "\n")
+
+
+def sim_args(
+    scale: float, *extra: str, latency: float = LATENCY_S, sigma: float = SIGMA
+) -> list[str]:
+    return [
+        "--time-scale",
+        str(scale),
+        "--latency",
+        str(latency),
+        "--latency-sigma",
+        str(sigma),
+        *extra,
+    ]
+
+
+def limit_for(jobs: int, per_job: float, rpm: float, scale: float, slack: float) -> float:
+    """Real seconds a client may take: `slack` x the lower bound, plus start-up."""
+    return slack * (jobs * per_job / rpm * 60.0 + LATENCY_S) * scale + 15.0
+
+
+def scenario_polls_count(
+    work: Path, jobs: int, scale: float, rpm: float, seed: int, yes_row: bool
+) -> tuple[list[Figures], list[str]]:
+    path = work / "jobs_s1.jsonl"
+    write_jobs(path, jobs)
+    server = sim_args(scale, "--rpm", str(rpm))
+    common = dict(
+        jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=limit_for(jobs, 3, rpm, scale, 5)
+    )
+    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
+    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
+    if yes_row:
+        runs.append(
+            run_client(
+                "batchrunner --polls-count yes", "batchrunner", server, polls_count="yes", **common
+            )
+        )
+    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
+    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
+    rows = [figures(r, jobs=jobs, scale=scale, rpm=rpm, polls_count=True) for r in runs]
+    for row in rows:
+        if row.label.startswith("batchrunner"):
+            row.concurrency = int(row.extra.get("peak_in_flight") or 0)
+    sdk = next(r for r in rows if r.label == "SDK")
+    checks = []
+    for br in (r for r in rows if r.label.startswith("batchrunner")):
+        tag = f"[{br.label}] "
+        checks += [
+            check(
+                tag + "goodput >= 0.9 of R/3",
+                br.goodput_frac >= 0.9,
+                f"{br.goodput_frac:.3f} ({br.goodput:.2f} of {br.ideal:.2f} jobs/min)",
+            ),
+            check(
+                tag + "goodput >= 3x SDK",
+                br.goodput >= 3 * sdk.goodput,
+                f"{br.goodput / sdk.goodput:.2f}x",
+            ),
+            check(
+                tag + "<= 3.5 requests per job (all, 429s included)",
+                br.req_per_job <= 3.5,
+                f"{br.req_per_job:.2f}",
+            ),
+            check(
+                tag + "detection p50 < 10% of mean latency",
+                br.det_p50 < 0.1 * br.mean_latency,
+                f"{br.det_p50:.2f} s = {br.det_p50 / br.mean_latency:.3f}"
+                f" of {br.mean_latency:.2f} s",
+            ),
+        ]
+    return rows, checks
+
+
+def scenario_polls_free(
+    work: Path, jobs: int, scale: float, rpm: float, seed: int
+) -> tuple[list[Figures], list[str]]:
+    path = work / "jobs_s2.jsonl"
+    write_jobs(path, jobs)
+    server = sim_args(scale, "--rpm", str(rpm), "--polls-free")
+    common = dict(
+        jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=limit_for(jobs, 1, rpm, scale, 5)
+    )
+    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
+    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
+    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
+    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
+    rows = [figures(r, jobs=jobs, scale=scale, rpm=rpm, polls_count=False) for r in runs]
+    rows[0].concurrency = int(rows[0].extra.get("peak_in_flight") or 0)
+    br = rows[0]
+    return rows, [
+        check(
+            "goodput >= 0.95 of R",
+            br.goodput_frac >= 0.95,
+            f"{br.goodput_frac:.3f} ({br.goodput:.2f} of {br.ideal:.2f} jobs/min)",
+        )
+    ]
+
+
+def scenario_half_limit(
+    work: Path, jobs: int, scale: float, rpm: float, seed: int
+) -> tuple[list[Figures], list[str]]:
+    path = work / "jobs_s3.jsonl"
+    write_jobs(path, jobs)
+    real = rpm / 2
+    server = sim_args(scale, "--rpm", str(real), "--no-retry-after")
+    common = dict(
+        jobs=path, scale=scale, rpm=rpm, seed=seed,
+        time_limit_s=limit_for(jobs, 3, real, scale, 4), snapshot_after_s=60.0 * scale,
+    )  # fmt: skip
+    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
+    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
+    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
+    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
+    # The ideal is the server's real limit: real / 3 jobs per minute.
+    rows = [figures(r, jobs=jobs, scale=scale, rpm=real, polls_count=True) for r in runs]
+    rows[0].concurrency = int(rows[0].extra.get("peak_in_flight") or 0)
+    br = rows[0]
+    share = br.after.get("share_429", float("nan"))
+    frac = br.after.get("goodput", 0.0) / br.ideal
+    return rows, [
+        check(
+            "after the first minute: 429s < 5% of requests",
+            share < 0.05,
+            f"{share:.3f} ({br.after.get('rate_limited')} of {br.after.get('requests')})",
+        ),
+        check(
+            "after the first minute: goodput >= 0.85 of the real limit",
+            frac >= 0.85,
+            f"{frac:.3f} ({br.after.get('goodput', 0):.2f} of {br.ideal:.2f} jobs/min)",
+        ),
+    ]
+
+
+def scenario_overhead(work: Path, jobs: int, seed: int) -> list[str]:
+    path = work / "jobs_s4.jsonl"
+    write_jobs(path, jobs)
+    server = ["--time-scale", "1", "--latency", "0.001", "--latency-sigma", "0", "--queue-s", "0"]
+    run = run_client(
+        "batchrunner", "batchrunner", server, jobs=path, scale=1.0, rpm=1e6, polls_count="no",
+        seed=seed, time_limit_s=300, extra=["--latency-prior", "0.001"],
+    )  # fmt: skip
+    report = run.report
+    done = int((report.get("results") or {}).get("succeeded", 0))
+    requests = sum(run.stats["requests"].values())
+    wall = float(report.get("wall_s") or float("nan"))
+    cpu = float(report.get("cpu_s") or float("nan"))
+    lines = [
+        "### (4) overhead: no latency, no rate limit, batchrunner alone",
+        "",
+        "| figure | batchrunner |",
+        "|---|---|",
+        f"| jobs done / jobs | {done}/{jobs} |",
+        f"| jobs per second (run() wall time) | {done / wall:.0f} |",
+        f"| CPU ms per job, during run() | {1000 * cpu / max(1, done):.2f} |",
+        "| CPU ms per job, whole process incl. start-up (wait4 rusage) | "
+        f"{1000 * run.child_cpu_s / max(1, done):.2f} |",
+        f"| process CPU s / wall s | {run.child_cpu_s:.2f} / {run.child_wall_s:.2f} |",
+        f"| requests / job | {requests / max(1, done):.2f} |",
+    ]
+    return lines
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}, "
+        f"{platform.system()} {platform.release()}, load average at start {load[0]:.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer jobs (~3-4 minutes)")
+    parser.add_argument(
+        "--rpm", type=float, default=50.0, help="R, model-time requests/min (Pro plan: 50)"
+    )
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--only", type=int, action="append", choices=[1, 2, 3, 4], help="run only these scenarios"
+    )
+    args = parser.parse_args(argv)
+    sizes = {1: 60, 2: 100, 3: 60, 4: 1000} if args.quick else {1: 160, 2: 240, 3: 120, 4: 3000}
+    # Time scales: 1 model minute = 60*S real seconds. Polls-free runs use a larger
+    # S because the SDK then polls every model second per thread with no 429 to
+    # slow it, and at S=0.05 that is ~600 requests/s on a 2-core machine.
+    scales = {1: 0.05, 2: 0.1, 3: 0.05}
+    only = set(args.only or [1, 2, 3, 4])
+    started = time.monotonic()
+    quick = "--quick " if args.quick else ""
+    print(f"# bench_budget {quick}R={args.rpm:g} rpm (model time), seed {args.seed}")
+    print(f"machine: {machine()}")
+    print(f"jobs per scenario: {sizes}; time scales: {scales}")
+    print()
+    all_checks: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
+        work = Path(tmp)
+        if 1 in only:
+            rows, checks = scenario_polls_count(
+                work, sizes[1], scales[1], args.rpm, args.seed, yes_row=not args.quick
+            )
+            print(
+                table(
+                    f"(1) polls count, server --rpm {args.rpm:g}; "
+                    f"ideal R/3 = {args.rpm / 3:.2f} jobs/min; S={scales[1]}",
+                    rows,
+                )
+            )
+            sdk = next(r for r in rows if r.label == "SDK")
+            print(f"\ngoodput ratio batchrunner/SDK: {rows[0].goodput / sdk.goodput:.2f}")
+            for row in rows:
+                if row.label.startswith("batchrunner"):
+                    print(f"[{row.label}]")
+                    _print_trace(row)
+            print("batchrunner time-scaled: " + ", ".join(rows[0].extra.get("scaled") or []))
+            print("\n".join(["", *checks, ""]))
+            all_checks += checks
+        if 2 in only:
+            rows, checks = scenario_polls_free(work, sizes[2], scales[2], args.rpm, args.seed)
+            print(
+                table(
+                    f"(2) polls free, server --rpm {args.rpm:g} --polls-free; "
+                    f"ideal R = {args.rpm:g} jobs/min; S={scales[2]}",
+                    rows,
+                )
+            )
+            print(f"\ngoodput ratio batchrunner/SDK: {rows[0].goodput / rows[1].goodput:.2f}")
+            _print_trace(rows[0])
+            print("\n".join(["", *checks, ""]))
+            all_checks += checks
+        if 3 in only:
+            rows, checks = scenario_half_limit(work, sizes[3], scales[3], args.rpm, args.seed)
+            print(table(
+                f"(3) client --rpm {args.rpm:g}, server's real limit {args.rpm / 2:g} rpm, "
+                "polls count, no Retry-After; "
+                f"ideal {args.rpm / 6:.2f} jobs/min; S={scales[3]}", rows, after=True,
+            ))  # fmt: skip
+            print(f"\ngoodput ratio batchrunner/SDK: {rows[0].goodput / rows[1].goodput:.2f}")
+            _print_trace(rows[0])
+            print("\n".join(["", *checks, ""]))
+            all_checks += checks
+        if 4 in only:
+            print("\n".join(scenario_overhead(work, sizes[4], args.seed)))
+            print()
+    print("## Targets (issue 4, 'Done when')")
+    print("\n".join(all_checks))
+    print(f"\ntotal wall time {time.monotonic() - started:.0f} s")
+    return 0 if all(line.startswith("PASS") for line in all_checks) else 1
+
+
+def _print_trace(row: Figures) -> None:
+    trace = row.extra.get("rpm_trace") or []
+    if trace:
+        points = ", ".join(f"{t:.0f}s:{rate:g}" for t, rate in trace[:: max(1, len(trace) // 12)])
+        print(f"batchrunner effective rpm over model time: {points}")
+    if row.diagnosis:
+        print(f"batchrunner request pattern (simulator per_request): {row.diagnosis}")
+
+
+def diagnose(per_request: list[dict[str, Any]], scale: float) -> str:
+    """How the polls of one client fell: polls per job, and how late the poll
+    that first saw COMPLETED came, split by whether it was the job's first poll."""
+    fetched = [r for r in per_request if r["first_result_at"] is not None]
+    if not fetched:
+        return ""
+    hist: dict[int, int] = {}
+    for r in fetched:
+        hist[r["status_polls"]] = hist.get(r["status_polls"], 0) + 1
+    shown = ", ".join(f"{k}: {100 * v / len(fetched):.0f}%" for k, v in sorted(hist.items())[:6])
+    first = [
+        (r["first_seen_done_at"] - r["done_at"]) / scale for r in fetched if r["status_polls"] == 1
+    ]
+    later = [
+        (r["first_seen_done_at"] - r["done_at"]) / scale for r in fetched if r["status_polls"] > 1
+    ]
+    fetch = [(r["first_result_at"] - r["first_seen_done_at"]) / scale for r in fetched]
+    extra_fetches = sum(max(0, r["result_fetches"] - 1) for r in fetched)
+    return (
+        f"status polls per job {{{shown}}}; a job's first poll saw COMPLETED "
+        f"{100 * len(first) / len(fetched):.0f}% of the time, {_f(_quantile(first, 0.5))} s (p50)"
+        f" / {_f(_quantile(first, 0.9))} s (p90) after done; "
+        f"jobs polled more than once saw it {_f(_quantile(later, 0.5))} s (p50) after done; "
+        f"COMPLETED seen -> result fetched p50 {_f(_quantile(fetch, 0.5))} s,"
+        f" p90 {_f(_quantile(fetch, 0.9))} s; "
+        f"repeated result fetches {extra_fetches}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
