@@ -45,7 +45,7 @@ def make_limiter(rpm: float) -> AsyncLimiter:
 class _Waiter:
     __slots__ = ("event", "granted", "key")
 
-    def __init__(self, key: tuple[float, int]) -> None:
+    def __init__(self, key: tuple[int, float, int]) -> None:
         self.key = key
         self.granted = False
         self.event = anyio.Event()
@@ -78,8 +78,9 @@ class PriorityGate:
     def waiting(self) -> int:
         return len(self._heap)
 
-    async def acquire(self, priority: float) -> None:
-        waiter = _Waiter((priority, next(self._order)))
+    async def acquire(self, priority: tuple[int, float]) -> None:
+        """Wait for a token; `priority` is (class, then earliest first within it)."""
+        waiter = _Waiter((*priority, next(self._order)))
         heapq.heappush(self._heap, waiter)
         try:
             while not waiter.granted:
@@ -109,10 +110,14 @@ class PriorityGate:
             self._heap[0].event.set()
 
 
-SUBMIT_PRIORITY = 1_000_000.0
-"""Submits go after polls of requests less than this many seconds from their
-deadline, and before every other poll: the pipeline stays full, and in-flight
-backpressure (max_in_flight) keeps submits from starving polls."""
+# Who gets the next token, by class: a result known to be ready (the job holds
+# an in-flight slot and is pure gain once fetched), then polls of requests
+# close to their retention deadline, then submits (the pipeline stays full;
+# in-flight backpressure keeps them from starving polls), then other polls.
+# Within a class, the earliest retention deadline first: an absolute time, so
+# a poll that has waited keeps its place (time *left*, computed on arrival,
+# would let every later poll overtake it).
+RESULT, URGENT_POLL, SUBMIT, POLL = range(4)
 URGENT_POLL_S = 600.0
 
 
@@ -194,16 +199,21 @@ class RateBudget:
 
     async def acquire_submit(self) -> None:
         await self.wait_cooled_down()
-        await self._gate.acquire(SUBMIT_PRIORITY)
+        await self._gate.acquire((SUBMIT, 0.0))
 
-    async def acquire_poll(self, seconds_left: float | None = None) -> None:
-        """A token for a status or result GET, when polls count; `seconds_left`
-        (to the retention deadline) orders polls by urgency."""
+    async def acquire_result(self, deadline: float) -> None:
+        """A token to fetch a result known to be ready (when polls count)."""
         await self.wait_cooled_down()
         if self.polls_count:
-            left = URGENT_POLL_S * 2 if seconds_left is None else seconds_left
-            priority = left if left < URGENT_POLL_S else SUBMIT_PRIORITY + left
-            await self._gate.acquire(priority)
+            await self._gate.acquire((RESULT, deadline))
+
+    async def acquire_poll(self, deadline: float) -> None:
+        """A token for a status poll (when polls count), ordered by the request's
+        retention deadline (epoch seconds)."""
+        await self.wait_cooled_down()
+        if self.polls_count:
+            urgent = deadline - self._clock() < URGENT_POLL_S
+            await self._gate.acquire((URGENT_POLL if urgent else POLL, deadline))
 
     async def wait_cooled_down(self) -> None:
         while True:
@@ -216,21 +226,32 @@ class RateBudget:
         return self._clock() < self._cooldown_until
 
     def on_rate_limited(self, retry_after_s: float | None, *, is_poll: bool) -> float:
-        """Start (or extend) the shared cool-down and lower the rate; return the pause."""
+        """Start (or extend) the shared cool-down and lower the rate; return the pause.
+
+        429s that arrive while a cool-down is running were in the air when it
+        started: one burst, so the backoff escalates once per cool-down, not
+        once per refused request.
+        """
         now = self._clock()
         self.rate_limited += 1
-        self._consecutive_429 += 1
-        if is_poll and self._polls_count is PollsCount.AUTO:
+        if now >= self._cooldown_until:
+            self._consecutive_429 += 1
+        if is_poll and self._polls_count is PollsCount.AUTO and not self.polls_learned_counting:
+            # The 429s so far came from polls we thought free, not from too
+            # high a rate: learn the accounting, and take back the decreases.
             self.polls_learned_counting = True
-        self.effective_rpm, self._last_decrease_at = aimd_after_429(
-            self.effective_rpm, self._last_decrease_at, now, self._aimd
-        )
+            self.effective_rpm = self.rpm
+            self._last_decrease_at = now
+        else:
+            self.effective_rpm, self._last_decrease_at = aimd_after_429(
+                self.effective_rpm, self._last_decrease_at, now, self._aimd
+            )
         self._apply_rate()
         if retry_after_s is not None:
             delay = retry_after_s
         else:
             delay = compute_backoff(
-                self._consecutive_429,
+                max(1, self._consecutive_429),
                 initial_s=60.0 / self.rpm,
                 max_backoff_s=60.0,
                 exp_base=2.0,

@@ -21,6 +21,7 @@ from batchrunner.policy import Action, Verdict, classify_poll, compute_backoff, 
 from batchrunner.results import errored, expired, result_line, succeeded
 from batchrunner.schedule import next_poll_at
 from batchrunner.submitter import Submitter, Tracked, release_if_held
+from batchrunner.threads import run_blocking
 
 NOT_FOUND_RETRIES = 3
 """A 404 before the deadline may be a replica that has not seen the request yet."""
@@ -124,7 +125,7 @@ class Poller:
 
     async def _poll(self, tracked: Tracked) -> None:
         ctx = self.ctx
-        await ctx.budget.acquire_poll(self._deadline(tracked) - ctx.clock())
+        await ctx.budget.acquire_poll(self._deadline(tracked))
         ctx.stats.requests["status"] += 1
         tracked.polls += 1
         asked_at = ctx.clock()
@@ -141,7 +142,7 @@ class Poller:
     async def _fetch(self, tracked: Tracked) -> None:
         ctx = self.ctx
         while True:
-            await ctx.budget.acquire_poll(self._deadline(tracked) - ctx.clock())
+            await ctx.budget.acquire_result(self._deadline(tracked))
             ctx.stats.requests["result"] += 1
             try:
                 response = await ctx.client.result(tracked.request_id, tracked.response_url)
@@ -155,7 +156,7 @@ class Poller:
                 message = decode_output(body)
                 if message is not None:
                     if ctx.cache is not None and tracked.cache_key is not None:
-                        await anyio.to_thread.run_sync(ctx.cache.put, tracked.cache_key, message)
+                        await run_blocking(ctx.cache.put, tracked.cache_key, message)
                     ctx.budget.on_success(counted=ctx.budget.polls_count)
                     self._finish(tracked, succeeded(message))
                     return

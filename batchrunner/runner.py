@@ -35,6 +35,7 @@ from batchrunner.reader import InvalidJob, Job, read_jobs
 from batchrunner.results import ExistingResults, errored, load_results, result_line
 from batchrunner.schedule import MODEL_PAGE_LATENCY_S, LatencyModel, PollSchedule
 from batchrunner.submitter import Submitter, Tracked, run_submit_worker
+from batchrunner.threads import run_blocking
 from batchrunner.writer import Writer
 
 SUBMIT_WORKERS = 16
@@ -317,7 +318,7 @@ async def _within_budget(ctx: RunContext, config: RunConfig, job: Job) -> bool:
     """
     assert config.max_cost_usd is not None
     try:
-        input_tokens, _ = await anyio.to_thread.run_sync(estimate_job_tokens, job, ctx.jobs_dir)
+        input_tokens, _ = await run_blocking(estimate_job_tokens, job, ctx.jobs_dir)
     except ImageError:
         return True  # the submit path records it as invalid_job, at no cost
     estimate = cost_usd(
@@ -385,7 +386,7 @@ async def _tick(
             ctx.abort_run()
         if adapt and ctx.latency.count >= 8:
             ctx.in_flight.total_tokens = default_max_in_flight(
-                ctx.budget.rpm, ctx.latency.quantile(0.9), ctx.budget.polls_count
+                ctx.budget.effective_rpm, ctx.latency.quantile(0.9), ctx.budget.polls_count
             )
         if on_tick is not None:
             on_tick(ctx, poller)

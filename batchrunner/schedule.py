@@ -76,6 +76,7 @@ class PollSchedule:
     first_step_fraction: float = 0.08
     growth: float = 1.5
     max_step_s: float = 30.0
+    max_step_fraction: float = 3.0  # re-polls at most this fraction of the median apart
     jitter: float = 0.1
     deadline_margin_s: float = 60.0
     probe_every: int = 10
@@ -111,7 +112,8 @@ def next_poll_at(
         when = submitted_at + model.quantile(min(quantile, schedule.first_quantile))
     else:
         exponent = min(polls_done - 1, 64)  # the cap wins long before; avoid overflow
-        step = min(schedule.max_step_s, first_step * schedule.growth**exponent)
+        cap = min(schedule.max_step_s, schedule.max_step_fraction * median)
+        step = min(cap, first_step * schedule.growth**exponent)
         step *= 1.0 + rng.uniform(-schedule.jitter, schedule.jitter)
         when = now + step
     # Poll before the result expires; inside the last margin keep a minimum gap
@@ -124,6 +126,8 @@ FRUGAL_SCHEDULE = PollSchedule(first_quantile=0.85, first_step_fraction=0.1, gro
 """When polls count against the rate limit: every PENDING answer is a job not
 run, so the first poll waits until most requests are done."""
 
-EAGER_SCHEDULE = PollSchedule(first_quantile=0.3, first_step_fraction=0.05, growth=1.3)
+EAGER_SCHEDULE = PollSchedule(
+    first_quantile=0.3, first_step_fraction=0.05, growth=1.3, max_step_fraction=0.1
+)
 """When polls are free: notice a finished request within a few percent of the
 median latency."""

@@ -17,6 +17,7 @@ from batchrunner.journal import JournalRecord
 from batchrunner.policy import Action, classify_submit, compute_backoff
 from batchrunner.reader import Job, materialize_body
 from batchrunner.results import errored, result_line, succeeded
+from batchrunner.threads import run_blocking
 
 
 @dataclass(slots=True)
@@ -54,7 +55,7 @@ class Submitter:
         (a result line was written) or when submission stopped (no result: resumable)."""
         ctx = self.ctx
         try:
-            body = await anyio.to_thread.run_sync(materialize_body, job.body, ctx.jobs_dir)
+            body = await run_blocking(materialize_body, job.body, ctx.jobs_dir)
         except Exception as exc:  # any failure to read this job's images ends this job only
             if not isinstance(exc, ImageError):
                 exc = ImageError(f"images could not be read: {type(exc).__name__}: {exc}")
@@ -68,7 +69,7 @@ class Submitter:
         key: str | None = None
         if ctx.cache is not None:
             key = cache_key(job.model, body)
-            message = await anyio.to_thread.run_sync(ctx.cache.get, key)
+            message = await run_blocking(ctx.cache.get, key)
             if message is not None:
                 ctx.stats.cached += 1
                 self._finish(job, succeeded(message), borrower, attempts=0, cached=True)

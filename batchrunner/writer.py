@@ -17,6 +17,7 @@ import anyio
 import orjson
 
 from batchrunner.journal import JournalRecord
+from batchrunner.threads import run_blocking
 
 
 class Writer:
@@ -107,7 +108,7 @@ class Writer:
             journal_lines, self._journal_buffer = self._journal_buffer, []
             result_lines, self._result_buffer = self._result_buffer, []
             # fsync blocks for milliseconds: keep it off the event loop.
-            await anyio.to_thread.run_sync(self._write_durably, journal_lines, result_lines)
+            await run_blocking(self._write_durably, journal_lines, result_lines)
             self._commits += 1
 
     def _write_durably(self, journal_lines: list[bytes], result_lines: list[bytes]) -> None:

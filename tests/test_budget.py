@@ -10,7 +10,10 @@ import anyio
 import pytest
 
 from batchrunner.budget import (
-    SUBMIT_PRIORITY,
+    POLL,
+    RESULT,
+    SUBMIT,
+    URGENT_POLL,
     AimdPolicy,
     PollsCount,
     PriorityGate,
@@ -138,10 +141,33 @@ def test_success_resets_the_exponential_growth() -> None:
 
 
 def test_retry_after_still_counts_towards_growth() -> None:
-    b, _ = budget(rpm=60.0, rng=MaxRandom())
-    b.on_rate_limited(5.0, is_poll=False)
-    b.on_rate_limited(5.0, is_poll=False)
+    b, clock = budget(rpm=60.0, rng=MaxRandom())
+    clock.advance(b.on_rate_limited(5.0, is_poll=False))
+    clock.advance(b.on_rate_limited(5.0, is_poll=False))
     assert b.on_rate_limited(None, is_poll=False) == pytest.approx(4.0)
+
+
+def test_a_burst_of_429s_escalates_once() -> None:
+    """Requests in the air when the first 429 came back get 429s too: one signal."""
+    b, clock = budget(rpm=60.0, rng=MaxRandom())
+    assert b.on_rate_limited(None, is_poll=False) == pytest.approx(1.0)
+    for _ in range(12):
+        b.on_rate_limited(None, is_poll=False)
+    clock.advance(1.0)
+    assert b.on_rate_limited(None, is_poll=False) == pytest.approx(2.0)
+
+
+def test_learning_that_polls_count_takes_back_the_rate_decreases() -> None:
+    b, clock = budget(rpm=50.0, polls=PollsCount.AUTO)
+    b.on_rate_limited(None, is_poll=False)
+    assert b.effective_rpm == pytest.approx(40.0)
+    clock.advance(60)
+    b.on_rate_limited(None, is_poll=True)
+    assert b.polls_count
+    assert b.effective_rpm == 50.0
+    clock.advance(60)
+    b.on_rate_limited(None, is_poll=True)  # now a real signal
+    assert b.effective_rpm == pytest.approx(40.0)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -210,7 +236,7 @@ def test_statistics() -> None:
     b.on_rate_limited(10.0, is_poll=True)
     assert b.statistics() == {
         "rpm": 50.0,
-        "effective_rpm": 40.0,
+        "effective_rpm": 50.0,
         "rate_limited": 1,
         "polls_count": True,
         "cooling_down": True,
@@ -274,7 +300,7 @@ async def test_free_polls_do_not_use_the_budget() -> None:
     b = loop_budget(60.0, PollsCount.NO)
     start = now()
     for _ in range(100):
-        await b.acquire_poll()
+        await b.acquire_poll(now() + 3600)
     assert now() - start == pytest.approx(0.0, abs=0.01)
     # And they leave the submit budget untouched.
     await b.acquire_submit()
@@ -286,7 +312,7 @@ async def test_counted_polls_share_the_budget_with_submits() -> None:
     b = loop_budget(60.0, PollsCount.YES)
     start = now()
     for _ in range(3):
-        await b.acquire_poll()
+        await b.acquire_poll(now() + 3600)
         await b.acquire_submit()
     assert now() - start == pytest.approx(5.0, rel=0.02, abs=0.05)
 
@@ -296,15 +322,16 @@ async def test_auto_polls_start_counting_after_a_poll_429() -> None:
     b = loop_budget(60.0, PollsCount.AUTO)
     start = now()
     for _ in range(10):
-        await b.acquire_poll()
+        await b.acquire_poll(now() + 3600)
     assert now() - start == pytest.approx(0.0, abs=0.01)
     b.on_rate_limited(2.0, is_poll=True)
     start = now()
     for _ in range(4):
-        await b.acquire_poll()
-    # 2 s of cool-down, then 4 polls paced at the (lowered) effective rate.
-    assert b.effective_rpm == pytest.approx(48.0)
-    assert now() - start == pytest.approx(2.0 + 3 * 60 / 48.0, rel=0.02, abs=0.05)
+        await b.acquire_poll(now() + 3600)
+    # 2 s of cool-down, then 4 polls paced at the rate (not lowered: the 429
+    # taught that polls count, it was not a sign of too high a rate).
+    assert b.effective_rpm == pytest.approx(60.0)
+    assert now() - start == pytest.approx(2.0 + 3.0, rel=0.02, abs=0.05)
 
 
 @pytest.mark.anyio
@@ -320,7 +347,7 @@ async def test_cool_down_pauses_submits_and_polls_together(polls: PollsCount) ->
         released.append(("submit", now() - start))
 
     async def poll() -> None:
-        await b.acquire_poll()
+        await b.acquire_poll(now() + 3600)
         released.append(("poll", now() - start))
 
     async with anyio.create_task_group() as tg:
@@ -387,20 +414,29 @@ async def test_priority_gate_serves_the_most_urgent_waiter_first() -> None:
     from aiolimiter import AsyncLimiter
 
     gate = PriorityGate(AsyncLimiter(1, 1.0))
-    await gate.acquire(0)  # empties the bucket: the next tokens come one per second
+    await gate.acquire((RESULT, 0.0))  # empties the bucket: the next tokens come 1 a second
     served: list[str] = []
 
-    async def take(name: str, priority: float, delay: float) -> None:
+    async def take(name: str, priority: tuple[int, float], delay: float) -> None:
         await anyio.sleep(delay)
         await gate.acquire(priority)
         served.append(name)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(take, "submit-1", SUBMIT_PRIORITY, 0.0)
-        tg.start_soon(take, "submit-2", SUBMIT_PRIORITY, 0.1)
-        tg.start_soon(take, "normal-poll", SUBMIT_PRIORITY + 5000, 0.1)
-        tg.start_soon(take, "urgent-poll", 30.0, 0.2)
-    assert served == ["urgent-poll", "submit-1", "submit-2", "normal-poll"]
+        tg.start_soon(take, "submit-1", (SUBMIT, 0.0), 0.0)
+        tg.start_soon(take, "submit-2", (SUBMIT, 0.0), 0.1)
+        tg.start_soon(take, "late-deadline-poll", (POLL, 9000.0), 0.1)
+        tg.start_soon(take, "early-deadline-poll", (POLL, 5000.0), 0.15)
+        tg.start_soon(take, "urgent-poll", (URGENT_POLL, 100.0), 0.2)
+        tg.start_soon(take, "result", (RESULT, 9999.0), 0.3)
+    assert served == [
+        "result",
+        "urgent-poll",
+        "submit-1",
+        "submit-2",
+        "early-deadline-poll",
+        "late-deadline-poll",
+    ]
 
 
 @pytest.mark.anyio
@@ -408,9 +444,9 @@ async def test_priority_gate_survives_a_cancelled_waiter() -> None:
     from aiolimiter import AsyncLimiter
 
     gate = PriorityGate(AsyncLimiter(1, 1.0))
-    await gate.acquire(0)
+    await gate.acquire((SUBMIT, 0.0))
     with anyio.move_on_after(0.5):
-        await gate.acquire(1)  # the pump, cancelled while waiting
+        await gate.acquire((SUBMIT, 0.0))  # the pump, cancelled while waiting
     assert gate.waiting == 0
     with anyio.fail_after(2):
-        await gate.acquire(1)
+        await gate.acquire((SUBMIT, 0.0))
