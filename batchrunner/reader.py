@@ -59,7 +59,7 @@ def parse_job_lines(lines: Iterable[bytes | str], default_model: str) -> Iterato
         if not raw.strip():
             continue
         item = parse_job_line(raw, number, default_model)
-        if _digest(item.custom_id) in seen:
+        if id_digest(item.custom_id) in seen:
             item = InvalidJob(
                 item.custom_id,
                 number,
@@ -68,14 +68,15 @@ def parse_job_lines(lines: Iterable[bytes | str], default_model: str) -> Iterato
             # The first holder of the id keeps it; this line's result would
             # collide with it, so report it under an id no other line has.
             unique = f"{item.custom_id}#line-{number}"
-            while _digest(unique) in seen:
+            while id_digest(unique) in seen:
                 unique += "#dup"
             item = InvalidJob(unique, number, item.message)
-        seen.add(_digest(item.custom_id))
+        seen.add(id_digest(item.custom_id))
         yield item
 
 
-def _digest(custom_id: str) -> bytes:
+def id_digest(custom_id: str) -> bytes:
+    """8 bytes standing for a custom_id in duplicate checks (memory: not the id itself)."""
     return hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
 
 
