@@ -134,9 +134,6 @@ class AimdPolicy:
     decrease_factor: float = 0.8
     guard_requests: float = 10.0
     floor_rpm: float = 1.0
-    window_s: float = 60.0
-    """The limit's sliding window: after learning that polls count, 429s from
-    the polls sent as free stay in it this long, and are not rate signals."""
 
 
 def aimd_after_success(effective_rpm: float, ceiling_rpm: float, policy: AimdPolicy) -> float:
@@ -244,7 +241,7 @@ class RateBudget:
             # high a rate: learn the accounting, and take back the decreases.
             self.polls_learned_counting = True
             self.effective_rpm = self.rpm
-            self._last_decrease_at = now + self._aimd.window_s  # no decrease for a window
+            self._last_decrease_at = now
         else:
             self.effective_rpm, self._last_decrease_at = aimd_after_429(
                 self.effective_rpm, self._last_decrease_at, now, self._aimd

@@ -166,10 +166,7 @@ def test_learning_that_polls_count_takes_back_the_rate_decreases() -> None:
     assert b.polls_count
     assert b.effective_rpm == 50.0
     clock.advance(60)
-    b.on_rate_limited(None, is_poll=True)  # still the free polls' excess in the window
-    assert b.effective_rpm == 50.0
-    clock.advance(15)
-    b.on_rate_limited(None, is_poll=True)  # now a real signal
+    b.on_rate_limited(None, is_poll=True)  # now a rate signal
     assert b.effective_rpm == pytest.approx(40.0)
 
 
