@@ -144,6 +144,18 @@ def write_text_jobs(path: Path, count: int) -> int:
     return path.stat().st_size
 
 
+def rss_mb(pid: int) -> float | None:
+    """A live process's resident memory in MB (Linux /proc), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def machine() -> str:
     return (
         f"{os.cpu_count()} cores, Python {platform.python_version()}, "

@@ -45,6 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_text_jobs
+
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = Path(__file__).resolve().parent / "budget_clients.py"
 LATENCY_S = 11.2
@@ -407,17 +411,6 @@ def check(name: str, ok: bool, detail: str) -> str:
 # --------------------------------------------------------------------------- scenarios
 
 
-def write_jobs(path: Path, count: int) -> None:
-    with path.open("w") as handle:
-        for i in range(count):
-            job = {
-                "custom_id": f"q-{i:06d}",
-                "messages": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
-                "max_tokens": 64,
-            }
-            handle.write(json.dumps(job, separators=(",", ":")) + "\n")
-
-
 def sim_args(
     scale: float, *extra: str, latency: float = LATENCY_S, sigma: float = SIGMA
 ) -> list[str]:
@@ -441,7 +434,7 @@ def scenario_polls_count(
     work: Path, jobs: int, scale: float, rpm: float, seed: int, yes_row: bool
 ) -> tuple[list[Figures], list[str]]:
     path = work / "jobs_s1.jsonl"
-    write_jobs(path, jobs)
+    write_text_jobs(path, jobs)
     server = sim_args(scale, "--rpm", str(rpm))
     common = dict(
         jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=limit_for(jobs, 3, rpm, scale, 5)
@@ -494,7 +487,7 @@ def scenario_polls_free(
     work: Path, jobs: int, scale: float, rpm: float, seed: int
 ) -> tuple[list[Figures], list[str]]:
     path = work / "jobs_s2.jsonl"
-    write_jobs(path, jobs)
+    write_text_jobs(path, jobs)
     server = sim_args(scale, "--rpm", str(rpm), "--polls-free")
     common = dict(
         jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=limit_for(jobs, 1, rpm, scale, 5)
@@ -519,7 +512,7 @@ def scenario_half_limit(
     work: Path, jobs: int, scale: float, rpm: float, seed: int
 ) -> tuple[list[Figures], list[str]]:
     path = work / "jobs_s3.jsonl"
-    write_jobs(path, jobs)
+    write_text_jobs(path, jobs)
     real = rpm / 2
     server = sim_args(scale, "--rpm", str(real), "--no-retry-after")
     common = dict(
@@ -552,7 +545,7 @@ def scenario_half_limit(
 
 def scenario_overhead(work: Path, jobs: int, seed: int) -> list[str]:
     path = work / "jobs_s4.jsonl"
-    write_jobs(path, jobs)
+    write_text_jobs(path, jobs)
     server = ["--time-scale", "1", "--latency", "0.001", "--latency-sigma", "0", "--queue-s", "0"]
     run = run_client(
         "batchrunner", "batchrunner", server, jobs=path, scale=1.0, rpm=1e6, polls_count="no",

@@ -52,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, SimProcess, machine, runner_env, simulator
+from _common import REPO, SimProcess, machine, rss_mb, runner_env, simulator
 
 TARGET_MB = 200.0
 TARGET_ESTIMATE = 0.10
@@ -151,17 +151,6 @@ class Measured:
         return self.files / self.wall_s if self.wall_s else 0.0
 
 
-def _rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 # Peak RSS of the runner alone. ru_maxrss of a child as its parent's os.wait4
 # sees it starts at the parent's own high-water mark: Linux carries the old
 # address space's peak into the process's maxrss at exec (exec_mmap ->
@@ -219,7 +208,7 @@ def run_measured(label: str, files: int, args: list[str], timeout_s: float, tmp:
                     runner_pid = int(Path(f"{report}.pid").read_text())
                 except (OSError, ValueError):
                     pass
-            rss = _rss_mb(runner_pid) if runner_pid else None
+            rss = rss_mb(runner_pid) if runner_pid else None
             if rss is not None:
                 samples.append((elapsed, rss))
             time.sleep(0.2)

@@ -38,6 +38,7 @@ from _common import (
     count_results,
     machine,
     make_images,
+    rss_mb,
     runner_env,
     simulator,
     write_image_jobs,
@@ -61,17 +62,6 @@ class Measured:
     @property
     def jobs_per_s(self) -> float:
         return self.lines / self.wall_s if self.wall_s else 0.0
-
-
-def _rss_mb(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_one(
@@ -122,7 +112,7 @@ def run_one(
         if elapsed > timeout_s and not timed_out:
             timed_out = True
             process.send_signal(signal.SIGINT)  # graceful stop: flushes, exits 130
-        rss = _rss_mb(process.pid)
+        rss = rss_mb(process.pid)
         try:
             written = out.stat().st_size
         except FileNotFoundError:
