@@ -43,10 +43,6 @@ SUBCOMMANDS = {
 """Other commands, each a module with `main(argv) -> exit code`."""
 
 
-def default_output(jobs: Path) -> Path:
-    return default_results_path(jobs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchrunner",
@@ -173,7 +169,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
     jobs: Path = args.jobs
     if not jobs.is_file():
         raise ConfigError(f"jobs file {jobs} not found or not a file")
-    output = args.output or default_output(jobs)
+    output = args.output or default_results_path(jobs)
     if args.restart and not _confirm_restart(output, args.yes):
         print("batchrunner: not restarted", file=sys.stderr)
         return EXIT_USAGE

@@ -38,6 +38,24 @@ class LoopClock:
         return self._offset + asyncio.get_running_loop().time()
 
 
+class InFlightCost:
+    """Estimated dollars of the jobs in flight, kept as a running total:
+    the cost cap checks it before every submit."""
+
+    __slots__ = ("_by_id", "total")
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, float] = {}
+        self.total = 0.0
+
+    def add(self, custom_id: str, usd: float) -> None:
+        self.total += usd - self._by_id.get(custom_id, 0.0)
+        self._by_id[custom_id] = usd
+
+    def finish(self, custom_id: str) -> None:
+        self.total -= self._by_id.pop(custom_id, 0.0)
+
+
 @dataclass(slots=True)
 class RunStats:
     """Counters for the progress display, the summary and tests."""
@@ -89,7 +107,7 @@ class RunContext:
     cache: ResponseCache | None = None
     price_in: float = 3.0
     price_out: float = 15.0
-    cost_estimates: dict[str, float] = field(default_factory=dict)
+    cost_in_flight: InFlightCost = field(default_factory=InFlightCost)
     cost_capped: bool = False
     stop_intake: anyio.Event = field(default_factory=anyio.Event)
     fatal_message: str | None = None

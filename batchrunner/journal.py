@@ -16,7 +16,12 @@ from typing import Any
 
 import orjson
 
-from batchrunner.results import ResultsFileError, numbered_lines, repair_torn_tail
+from batchrunner.results import (
+    ResultsFileError,
+    numbered_lines,
+    repair_torn_tail,
+    truncate_last_line,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +85,7 @@ def load_journal(
             record = JournalRecord.from_json(raw)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             if last:
-                with path.open("rb+") as handle:
-                    handle.truncate(path.stat().st_size - len(raw))
+                truncate_last_line(path, len(raw))
                 torn += len(raw)
                 break
             raise ResultsFileError(f"{path}: line {number} is not a journal record") from None

@@ -131,7 +131,7 @@ def load_results(path: Path) -> ExistingResults:
             if last:
                 # A complete-looking but garbled last line (e.g. zeros after a
                 # power loss): drop it like a torn one.
-                _truncate_last_line(path, len(raw))
+                truncate_last_line(path, len(raw))
                 state.torn_bytes += len(raw)
                 break
             raise ResultsFileError(f"{path}: line {number} is not a result line") from None
@@ -141,7 +141,8 @@ def load_results(path: Path) -> ExistingResults:
     return state
 
 
-def _truncate_last_line(path: Path, length: int) -> None:
+def truncate_last_line(path: Path, length: int) -> None:
+    """Drop the last `length` bytes (a garbled last line), durably."""
     with path.open("rb+") as handle:
         handle.truncate(path.stat().st_size - length)
         os.fsync(handle.fileno())

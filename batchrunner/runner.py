@@ -17,7 +17,7 @@ from anyio.abc import ObjectSendStream
 from batchrunner.api import ApiKey, HttpSettings, SegmindClient, make_session
 from batchrunner.budget import PollsCount, RateBudget
 from batchrunner.cache import ResponseCache
-from batchrunner.context import LoopClock, RunContext, RunStats
+from batchrunner.context import InFlightCost, LoopClock, RunContext, RunStats
 from batchrunner.errors import ConfigError, JobsChangedError
 from batchrunner.estimate import (
     DEFAULT_OUTPUT_TOKENS_PER_JOB,
@@ -167,11 +167,11 @@ async def run(
     clock = LoopClock()
     rng = random.Random(config.seed)
     stats = RunStats()
-    estimates: dict[str, float] = {}  # custom_id -> estimated cost, while in flight
+    in_flight_cost = InFlightCost()
 
     def on_result(line: dict[str, Any]) -> None:
         stats.count_result(line)
-        estimates.pop(line["custom_id"], None)
+        in_flight_cost.finish(line["custom_id"])
         if config.on_result is not None:
             config.on_result(line)
 
@@ -200,7 +200,7 @@ async def run(
                 retention_s=config.retention_s,
                 price_in=config.price_in,
                 price_out=config.price_out,
-                cost_estimates=estimates,
+                cost_in_flight=in_flight_cost,
                 cache=ResponseCache(config.cache_dir, config.cache_max_age_s)
                 if config.cache_dir is not None
                 else None,
@@ -327,12 +327,12 @@ async def _within_budget(ctx: RunContext, config: RunConfig, job: Job) -> bool:
         config.price_in,
         config.price_out,
     )
-    committed = ctx.spent_usd() + sum(ctx.cost_estimates.values())
+    committed = ctx.spent_usd() + ctx.cost_in_flight.total
     if committed + estimate > config.max_cost_usd:
         ctx.cost_capped = True
         ctx.stop_submitting()
         return False
-    ctx.cost_estimates[job.custom_id] = estimate
+    ctx.cost_in_flight.add(job.custom_id, estimate)
     return True
 
 

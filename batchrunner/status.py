@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +22,7 @@ from rich.table import Table
 from batchrunner.journal import JournalRecord, journal_path_for
 from batchrunner.policy import RETENTION_MARGIN_S, RETENTION_S, time_left
 from batchrunner.reader import read_jobs
+from batchrunner.results import numbered_lines
 
 
 @dataclass(slots=True)
@@ -45,11 +46,13 @@ class RunStatus:
         }
 
 
-def _complete_lines(path: Path) -> list[bytes]:
+def _complete_lines(path: Path) -> Iterator[bytes]:
+    """The file's whole lines, streamed; a last line without its newline is torn."""
     if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    return [line for line in lines[:-1] if line.strip()]  # the last piece is torn or empty
+        return
+    for _, raw, last in numbered_lines(path):
+        if raw.strip() and (raw.endswith(b"\n") or not last):
+            yield raw
 
 
 def compute_status(results: Path, jobs: Path | None, now: float, model: str) -> RunStatus:
