@@ -450,3 +450,30 @@ async def test_priority_gate_survives_a_cancelled_waiter() -> None:
     assert gate.waiting == 0
     with anyio.fail_after(2):
         await gate.acquire((SUBMIT, 0.0))
+
+
+# --------------------------------------------------------------------------- max in flight
+
+
+@pytest.mark.parametrize(
+    ("rpm", "p90", "polls_count", "expected"),
+    [
+        # 50 rpm, polls count: 1/3.6 jobs/s x 16.5 s = 4.6 -> 5, + 2 (submit and fetch).
+        (50.0, 16.5, True, 7),
+        # Polls free: 50/60 jobs/s x 16.5 s x 2 (headroom for latency spikes) = 27.5 -> 28, + 2.
+        (50.0, 16.5, False, 30),
+        # 5 rpm (Segmind Free), polls free: the retention cap (5 x 60 / 2 = 150) is not hit.
+        (5.0, 16.5, False, 5),
+        # A slow API at a high rate: capped so every request in flight can be
+        # fetched inside the retention hour (rpm x 60 / 2).
+        (20.0, 6000.0, True, 600),
+        (600_000.0, 16.5, False, 10_000),
+        (1.0, 1.0, True, 4),
+    ],
+)
+def test_default_max_in_flight_is_littles_law(
+    rpm: float, p90: float, polls_count: bool, expected: int
+) -> None:
+    from batchrunner.runner import default_max_in_flight
+
+    assert default_max_in_flight(rpm, p90, polls_count) == expected
