@@ -11,7 +11,9 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,6 +123,48 @@ RESULT, URGENT_POLL, SUBMIT, POLL = range(4)
 URGENT_POLL_S = 600.0
 
 
+RATE_WINDOW_S = 60.0
+"""The window a requests-per-minute limit is counted over."""
+
+
+class SentWindow:
+    """Requests sent in the last RATE_WINDOW_S, counted in 60 buckets (constant memory).
+
+    Kept while `auto` still believes polls are free: the server may have
+    counted every one of those polls, and when the first 429 on a poll says
+    so, its window is still full of them.
+    """
+
+    __slots__ = ("_buckets", "_width")
+
+    def __init__(self) -> None:
+        self._width = RATE_WINDOW_S / 60
+        self._buckets: deque[list[int]] = deque()  # [bucket index, count], oldest first
+
+    def record(self, now: float) -> None:
+        index = math.floor(now / self._width)
+        if self._buckets and self._buckets[-1][0] == index:
+            self._buckets[-1][1] += 1
+        else:
+            self._buckets.append([index, 1])
+        while self._buckets[0][0] <= index - 60:
+            self._buckets.popleft()
+
+    def drained_at(self, now: float, limit: float) -> float:
+        """When at most `limit` - 1 of the requests sent so far are still inside
+        a window ending then: `now` if that is already so."""
+        self.record(now)
+        self._buckets[-1][1] -= 1  # record() was only to expire old buckets
+        total = sum(count for _, count in self._buckets)
+        drained = now
+        for index, count in self._buckets:
+            if total <= limit - 1:
+                break
+            total -= count
+            drained = (index + 1) * self._width + RATE_WINDOW_S
+        return max(now, drained)
+
+
 @dataclass(frozen=True, slots=True)
 class AimdPolicy:
     """Additive-increase, multiplicative-decrease of the effective rate (TCP Reno's rule).
@@ -158,9 +202,11 @@ class RateBudget:
         "_cooldown_until",
         "_gate",
         "_last_decrease_at",
+        "_learned_drain_until",
         "_limiter_rpm",
         "_polls_count",
         "_rng",
+        "_sent_while_free",
         "effective_rpm",
         "polls_learned_counting",
         "rate_limited",
@@ -188,6 +234,8 @@ class RateBudget:
         self._cooldown_until = 0.0
         self._consecutive_429 = 0
         self._last_decrease_at = float("-inf")
+        self._learned_drain_until = float("-inf")
+        self._sent_while_free = SentWindow() if polls_count is PollsCount.AUTO else None
         self.rate_limited = 0
         self.polls_learned_counting = False
 
@@ -198,22 +246,43 @@ class RateBudget:
         return self._polls_count is PollsCount.YES
 
     async def acquire_submit(self) -> None:
-        await self.wait_cooled_down()
-        await self._gate.acquire((SUBMIT, 0.0))
+        await self._acquire(lambda: (SUBMIT, 0.0))
 
     async def acquire_result(self, deadline: float) -> None:
         """A token to fetch a result known to be ready (when polls count)."""
-        await self.wait_cooled_down()
-        if self.polls_count:
-            await self._gate.acquire((RESULT, deadline))
+        await self._acquire(lambda: (RESULT, deadline) if self.polls_count else None)
 
     async def acquire_poll(self, deadline: float) -> None:
         """A token for a status poll (when polls count), ordered by the request's
         retention deadline (epoch seconds)."""
-        await self.wait_cooled_down()
-        if self.polls_count:
+
+        def priority() -> tuple[int, float] | None:
+            if not self.polls_count:
+                return None
             urgent = deadline - self._clock() < URGENT_POLL_S
-            await self._gate.acquire((URGENT_POLL if urgent else POLL, deadline))
+            return (URGENT_POLL if urgent else POLL, deadline)
+
+        await self._acquire(priority)
+
+    async def _acquire(self, priority: Callable[[], tuple[int, float] | None]) -> None:
+        """Wait out the cool-down, then for a token (none needed when `priority` is None).
+
+        A token handed out while a cool-down runs (one that began while this
+        request queued for it) is dropped and the wait starts again: the
+        server has just said its window is full, or named when to come back.
+        """
+        while True:
+            await self.wait_cooled_down()
+            wanted = priority()
+            if wanted is not None:
+                await self._gate.acquire(wanted)
+            if not self.cooling_down():
+                break
+        self._note_sent()
+
+    def _note_sent(self) -> None:
+        if self._sent_while_free is not None:
+            self._sent_while_free.record(self._clock())
 
     async def wait_cooled_down(self) -> None:
         while True:
@@ -236,12 +305,23 @@ class RateBudget:
         self.rate_limited += 1
         if now >= self._cooldown_until:
             self._consecutive_429 += 1
-        if is_poll and self._polls_count is PollsCount.AUTO and not self.polls_learned_counting:
+        if is_poll and self._sent_while_free is not None:
             # The 429s so far came from polls we thought free, not from too
             # high a rate: learn the accounting, and take back the decreases.
+            # The server's window still holds every request sent while polls
+            # looked free: wait until it has room again, and read the 429s of
+            # requests sent before then as part of this one signal. (Sending
+            # on at once was met by a window of 429s, a rate cut to 0.8 x and
+            # minutes of additive increase back.)
             self.polls_learned_counting = True
             self.effective_rpm = self.rpm
+            per_window = self.rpm * RATE_WINDOW_S / 60.0
+            self._learned_drain_until = self._sent_while_free.drained_at(now, per_window)
+            self._sent_while_free = None
+            self._cooldown_until = max(self._cooldown_until, self._learned_drain_until)
             self._last_decrease_at = now
+        elif now < max(self._learned_drain_until, self._cooldown_until):
+            pass  # sent before the cool-down (or the drain) began: the same signal
         else:
             self.effective_rpm, self._last_decrease_at = aimd_after_429(
                 self.effective_rpm, self._last_decrease_at, now, self._aimd

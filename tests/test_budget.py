@@ -18,6 +18,7 @@ from batchrunner.budget import (
     PollsCount,
     PriorityGate,
     RateBudget,
+    SentWindow,
     aimd_after_429,
     aimd_after_success,
 )
@@ -381,6 +382,66 @@ async def test_wait_cooled_down_returns_at_once_when_not_cooling() -> None:
     start = now()
     await b.wait_cooled_down()
     assert now() - start == 0.0
+
+
+@pytest.mark.anyio
+async def test_a_queued_submit_honours_a_cool_down_that_began_while_it_waited() -> None:
+    b = loop_budget(60.0, PollsCount.YES)
+    start = now()
+    sent: list[float] = []
+
+    async def submit() -> None:
+        await b.acquire_submit()
+        sent.append(now() - start)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(submit)
+        await anyio.sleep(1.5)  # two sent (t=0, t=1); two queued in the gate
+        b.on_rate_limited(30.0, is_poll=False)
+    assert sent[:2] == pytest.approx([0.0, 1.0], abs=0.01)
+    # Retry-After 30 s from t=1.5: nothing goes out before t=31.5.
+    assert all(t >= 31.5 - 0.01 for t in sent[2:])
+    assert 1.0 - 0.01 <= sent[3] - sent[2] <= 2.0  # paced again, no burst
+
+
+def test_sent_window_drains_when_the_oldest_requests_leave_it() -> None:
+    window = SentWindow()
+    for i in range(100):  # 100 requests over 10 s, at t = 0.0, 0.1, ..., 9.9
+        window.record(i / 10)
+    # A 50-per-window limit: room for one more once 51 of them have left the
+    # window, i.e. the 50 sent before t=5.0 and the one at 5.0; the one at t=5.0
+    # lies in the 1-s bucket [5, 6), which leaves at 66.
+    assert window.drained_at(10.0, 50) == pytest.approx(66.0)
+    # Under the limit already: no wait.
+    assert window.drained_at(10.0, 500) == 10.0
+    # Long after, the window is empty.
+    assert window.drained_at(200.0, 1) == 200.0
+
+
+@pytest.mark.anyio
+async def test_auto_learning_waits_for_the_window_of_free_polls_to_drain() -> None:
+    b = loop_budget(60.0, PollsCount.AUTO)
+    start = now()
+    for _ in range(120):  # "free" polls, 2 a second for a minute
+        await b.acquire_poll(now() + 3600)
+        await anyio.sleep(0.5)
+    learned_at = now()
+    b.on_rate_limited(None, is_poll=True)
+    assert b.polls_count and b.effective_rpm == 60.0
+    # The server's window holds the last minute's 120 polls: room for one
+    # more once 61 have left it, i.e. ~30 s after learning.
+    assert b.cooling_down()
+    # 429s of requests sent before learning keep arriving: no rate cut.
+    await anyio.sleep(5.0)
+    b.on_rate_limited(None, is_poll=False)
+    assert b.effective_rpm == 60.0
+    await b.acquire_submit()
+    assert now() - learned_at == pytest.approx(31.0, abs=1.1)
+    assert now() - start > 90.0
+    # After the drain, a 429 is a rate signal again.
+    b.on_rate_limited(None, is_poll=False)
+    assert b.effective_rpm == pytest.approx(48.0)
 
 
 # --------------------------------------------------------------------------- AIMD and priority
