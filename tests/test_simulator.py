@@ -280,6 +280,42 @@ async def test_polls_count_against_rpm_unless_polls_count_is_false() -> None:
         assert (await api.submit())[0] == 429
 
 
+async def test_refused_requests_count_against_rpm_with_count_refused() -> None:
+    # rpm=2, requests at t=0 (ok), 10 (ok), 20 (429), 55 (429).
+    for count_refused, retry_after_at_55, at_61, at_71 in (
+        # Only accepted requests count: a slot frees at 60, when the first
+        # leaves; at 71 the one at 10 has left too.
+        (False, "5", 200, 200),
+        # Refused ones count too: the window holds 0, 10, 20 and 55 at t=55;
+        # a slot frees when all but one have left, i.e. when 20 leaves, at 80.
+        # The retry at 61 is refused, and counted: the next slot frees at 115.
+        (True, "25", 429, 429),
+    ):
+        async with api_for(rpm=2, count_refused=count_refused) as api:
+            start = asyncio.get_running_loop().time()
+
+            async def at(t: float, start: float = start) -> tuple[int, dict[str, str]]:
+                await asyncio.sleep(start + t - asyncio.get_running_loop().time())
+                status, _, headers = await api.submit()
+                return status, headers
+
+            assert (await at(0))[0] == 200
+            assert (await at(10))[0] == 200
+            assert (await at(20))[0] == 429
+            status, headers = await at(55)
+            assert status == 429 and headers["Retry-After"] == retry_after_at_55
+            assert (await at(61))[0] == at_61
+            assert (await at(71))[0] == at_71
+    # A client that honours Retry-After gets through either way.
+    async with api_for(rpm=2, count_refused=True) as api:
+        await api.submit_ok()
+        await api.submit_ok()
+        status, _, headers = await api.submit()
+        assert status == 429
+        await asyncio.sleep(float(headers["Retry-After"]) + 0.01)
+        await api.submit_ok()
+
+
 async def test_rate_limit_is_per_key() -> None:
     async with api_for(rpm=1) as api:
         await api.submit_ok()
@@ -600,6 +636,7 @@ def test_every_config_field_has_a_command_line_option() -> None:
         "7.5",
         "--polls-free",
         "--no-retry-after",
+        "--count-refused",
         "--latency",
         "2",
         "--latency-sigma",
@@ -642,6 +679,7 @@ def test_every_config_field_has_a_command_line_option() -> None:
         rpm=7.5,
         polls_count=False,
         retry_after=False,
+        count_refused=True,
         latency_mean=2.0,
         latency_sigma=0.0,
         queue_s=0.1,

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--polls-free", action="store_true", help="status/result GETs do not count against rpm")
     add("--no-retry-after", action="store_true", help="send no Retry-After header with 429")
     add(
+        "--count-refused",
+        action="store_true",
+        help="refused (429) requests count against rpm too (Segmind's behaviour is unknown)",
+    )
+    add(
         "--latency",
         type=_positive,
         default=DEFAULTS.latency_mean,
@@ -140,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         rpm=args.rpm,
         polls_count=not args.polls_free,
         retry_after=not args.no_retry_after,
+        count_refused=args.count_refused,
         latency_mean=args.latency,
         latency_sigma=args.latency_sigma,
         queue_s=args.queue_s,

@@ -81,6 +81,7 @@ class SimConfig:
     rpm: float | None = None
     polls_count: bool = True
     retry_after: bool = True
+    count_refused: bool = False
     latency_mean: float = 11.2
     latency_sigma: float = 0.35
     queue_s: float = 0.5
@@ -405,15 +406,23 @@ def body_hash(model: str, body: Any) -> str:
 
 
 class SlidingWindowLimiter:
-    """Sliding-window-log rate limiter: remembers when each accepted request of a
-    key arrived and refuses one more while ``limit`` of them lie in the window."""
+    """Sliding-window-log rate limiter: remembers when each request of a key
+    arrived and refuses one more while ``limit`` of them lie in the window.
 
-    __slots__ = ("_limit", "_log", "_window")
+    Whether Segmind counts the requests it refuses is unknown
+    (SEGMIND_API.md). By default only accepted requests are logged, so a
+    client that retries 429s at once loses nothing by it; with
+    ``count_refused`` every request is, so such a client keeps the window full
+    and is refused for as long as it keeps up the pace.
+    """
 
-    def __init__(self, per_window: float, window: float) -> None:
+    __slots__ = ("_count_refused", "_limit", "_log", "_window")
+
+    def __init__(self, per_window: float, window: float, count_refused: bool = False) -> None:
         # A fractional rpm still lets one request through per window.
         self._limit = max(1, math.floor(per_window))
         self._window = window
+        self._count_refused = count_refused
         self._log: dict[str, deque[float]] = {}
 
     def try_acquire(self, key: str, now: float) -> float | None:
@@ -422,7 +431,10 @@ class SlidingWindowLimiter:
         while log and log[0] <= now - self._window:
             log.popleft()
         if len(log) >= self._limit:
-            return log[0] + self._window - now
+            if self._count_refused:
+                log.append(now)
+            # A slot frees when all but limit - 1 of the logged requests have left.
+            return log[len(log) - self._limit] + self._window - now
         log.append(now)
         return None
 
@@ -521,7 +533,9 @@ class Simulator:
         self._job_rng = random.Random(f"{config.seed}:jobs")
         self._limiter: SlidingWindowLimiter | None = None
         if config.rpm is not None:
-            self._limiter = SlidingWindowLimiter(config.rpm, config.scaled(60.0))
+            self._limiter = SlidingWindowLimiter(
+                config.rpm, config.scaled(60.0), count_refused=config.count_refused
+            )
         self.app = self._make_app()
 
     # ---- clock
