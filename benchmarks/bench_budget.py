@@ -26,7 +26,10 @@ by the time scale S they are model seconds, the unit everything is reported in):
 Scenarios: (1) polls count at R; (2) polls free; (3) the server's real limit is
 half the client's --rpm, no Retry-After, figures after the first model minute;
 (4) overhead: no latency, no rate limit, batchrunner alone: jobs/s and CPU ms
-per job of its process (getrusage), the simulator in another process.
+per job of its process (getrusage), the simulator in another process; (5) as
+(1), but the server also counts the requests it refuses (`--count-refused`:
+whether Segmind does is unknown). A client that has not finished by its time
+limit is stopped; its goodput is then jobs done / model minutes it ran.
 """
 
 from __future__ import annotations
@@ -277,11 +280,16 @@ def figures(run: Run, *, jobs: int, scale: float, rpm: float, polls_count: bool)
     per_job = 3.0 if polls_count else 1.0
     ideal = rpm / per_job
     lower_bound = jobs * per_job / rpm * 60.0 + mean_latency
+    # A client stopped at its time limit: what it did in the time it had (the
+    # steady-state window would flatter one that stalled).
+    goodput = (
+        done / (run.child_wall_s / scale / 60.0) if run.timed_out else _rate(fetched_at, scale)
+    )
     result = Figures(
         label=run.label,
         jobs=jobs,
         done=done,
-        goodput=_rate(fetched_at, scale),
+        goodput=goodput,
         ideal=ideal,
         requests=requests,
         ok_requests=requests - rate_limited,
@@ -543,6 +551,36 @@ def scenario_half_limit(
     ]
 
 
+def scenario_refused_count(
+    work: Path, jobs: int, scale: float, rpm: float, seed: int
+) -> tuple[list[Figures], list[str]]:
+    path = work / "jobs_s5.jsonl"
+    write_text_jobs(path, jobs)
+    server = sim_args(scale, "--rpm", str(rpm), "--count-refused")
+    common = dict(
+        jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=limit_for(jobs, 3, rpm, scale, 3)
+    )
+    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
+    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
+    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
+    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
+    rows = [figures(r, jobs=jobs, scale=scale, rpm=rpm, polls_count=True) for r in runs]
+    rows[0].concurrency = int(rows[0].extra.get("peak_in_flight") or 0)
+    br, sdk = rows[0], rows[1]
+    return rows, [
+        check(
+            "[refused requests counted] goodput >= 0.9 of R/3",
+            br.goodput_frac >= 0.9,
+            f"{br.goodput_frac:.3f} ({br.goodput:.2f} of {br.ideal:.2f} jobs/min)",
+        ),
+        check(
+            "[refused requests counted] goodput >= 3x SDK",
+            br.goodput >= 3 * sdk.goodput,
+            f"{br.goodput / sdk.goodput:.2f}x" if sdk.goodput > 0 else "the SDK finished no job",
+        ),
+    ]
+
+
 def scenario_overhead(work: Path, jobs: int, seed: int) -> list[str]:
     path = work / "jobs_s4.jsonl"
     write_text_jobs(path, jobs)
@@ -591,15 +629,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
-        "--only", type=int, action="append", choices=[1, 2, 3, 4], help="run only these scenarios"
+        "--only",
+        type=int,
+        action="append",
+        choices=[1, 2, 3, 4, 5],
+        help="run only these scenarios",
     )
     args = parser.parse_args(argv)
-    sizes = {1: 60, 2: 100, 3: 60, 4: 1000} if args.quick else {1: 160, 2: 240, 3: 120, 4: 3000}
+    sizes = (
+        {1: 60, 2: 100, 3: 60, 4: 1000, 5: 60}
+        if args.quick
+        else {1: 160, 2: 240, 3: 120, 4: 3000, 5: 120}
+    )
     # Time scales: 1 model minute = 60*S real seconds. Polls-free runs use a larger
     # S because the SDK then polls every model second per thread with no 429 to
     # slow it, and at S=0.05 that is ~600 requests/s on a 2-core machine.
-    scales = {1: 0.05, 2: 0.1, 3: 0.05}
-    only = set(args.only or [1, 2, 3, 4])
+    scales = {1: 0.05, 2: 0.1, 3: 0.05, 5: 0.05}
+    only = set(args.only or [1, 2, 3, 4, 5])
     started = time.monotonic()
     quick = "--quick " if args.quick else ""
     print(f"# bench_budget {quick}R={args.rpm:g} rpm (model time), seed {args.seed}")
@@ -650,6 +696,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"ideal {args.rpm / 6:.2f} jobs/min; S={scales[3]}", rows, after=True,
             ))  # fmt: skip
             print(f"\ngoodput ratio batchrunner/SDK: {rows[0].goodput / rows[1].goodput:.2f}")
+            _print_trace(rows[0])
+            print("\n".join(["", *checks, ""]))
+            all_checks += checks
+        if 5 in only:
+            rows, checks = scenario_refused_count(work, sizes[5], scales[5], args.rpm, args.seed)
+            print(table(
+                f"(5) as (1), and refused requests count too: server --rpm {args.rpm:g} "
+                f"--count-refused; ideal R/3 = {args.rpm / 3:.2f} jobs/min; S={scales[5]}", rows,
+            ))  # fmt: skip
             _print_trace(rows[0])
             print("\n".join(["", *checks, ""]))
             all_checks += checks
