@@ -56,3 +56,20 @@ async def test_polls_that_count_cost_about_one_per_job(tmp_path: Path) -> None:
     assert requests / 200 <= 3.5
     lower_bound_s = 200 * 3 / 60 * 60 + 11.2
     assert lower_bound_s / elapsed >= 0.9
+
+
+async def test_auto_learns_polls_count_with_few_429s_and_keeps_the_rate(tmp_path: Path) -> None:
+    """--polls-count auto against a server that counts polls and sends Retry-After.
+
+    One 429 on a poll teaches that polls count. Then the server's window is
+    still full of the polls sent as free, and submits are queued for tokens:
+    they must wait out the window and the Retry-After rather than go out into
+    them (each such 429 would also read as "rate too high" and cut the rate).
+    """
+    server = SimConfig(keys=frozenset({KEY}), rpm=60, polls_count=True, seed=8)
+    stats, elapsed = await run_budget_bound(
+        tmp_path, 200, server, rpm=60, polls_count=PollsCount.AUTO
+    )
+    assert stats["rate_limited"]["total"] <= 3
+    lower_bound_s = 200 * 3 / 60 * 60 + 11.2
+    assert lower_bound_s / elapsed >= 0.85
