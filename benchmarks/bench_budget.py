@@ -491,21 +491,45 @@ def scenario_polls_count(
     return rows, checks
 
 
+def with_baselines(
+    server: list[str],
+    path: Path,
+    *,
+    jobs: int,
+    scale: float,
+    rpm: float,
+    seed: int,
+    time_limit_s: float,
+    ideal_rpm: float,
+    polls_count: bool,
+    snapshot_after_s: float | None = None,
+) -> list[Figures]:
+    """batchrunner (`auto`), then the SDK and the plain loop at its peak in-flight."""
+    common: dict[str, Any] = dict(
+        jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=time_limit_s,
+        snapshot_after_s=snapshot_after_s,
+    )  # fmt: skip
+    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
+    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
+    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
+    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
+    rows = [
+        figures(r, jobs=jobs, scale=scale, rpm=ideal_rpm, polls_count=polls_count) for r in runs
+    ]
+    rows[0].concurrency = int(rows[0].extra.get("peak_in_flight") or 0)
+    return rows
+
+
 def scenario_polls_free(
     work: Path, jobs: int, scale: float, rpm: float, seed: int
 ) -> tuple[list[Figures], list[str]]:
     path = work / "jobs_s2.jsonl"
     write_text_jobs(path, jobs)
     server = sim_args(scale, "--rpm", str(rpm), "--polls-free")
-    common = dict(
-        jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=limit_for(jobs, 1, rpm, scale, 5)
-    )
-    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
-    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
-    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
-    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
-    rows = [figures(r, jobs=jobs, scale=scale, rpm=rpm, polls_count=False) for r in runs]
-    rows[0].concurrency = int(rows[0].extra.get("peak_in_flight") or 0)
+    rows = with_baselines(
+        server, path, jobs=jobs, scale=scale, rpm=rpm, seed=seed,
+        time_limit_s=limit_for(jobs, 1, rpm, scale, 5), ideal_rpm=rpm, polls_count=False,
+    )  # fmt: skip
     br = rows[0]
     return rows, [
         check(
@@ -523,17 +547,12 @@ def scenario_half_limit(
     write_text_jobs(path, jobs)
     real = rpm / 2
     server = sim_args(scale, "--rpm", str(real), "--no-retry-after")
-    common = dict(
-        jobs=path, scale=scale, rpm=rpm, seed=seed,
-        time_limit_s=limit_for(jobs, 3, real, scale, 4), snapshot_after_s=60.0 * scale,
-    )  # fmt: skip
-    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
-    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
-    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
-    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
     # The ideal is the server's real limit: real / 3 jobs per minute.
-    rows = [figures(r, jobs=jobs, scale=scale, rpm=real, polls_count=True) for r in runs]
-    rows[0].concurrency = int(rows[0].extra.get("peak_in_flight") or 0)
+    rows = with_baselines(
+        server, path, jobs=jobs, scale=scale, rpm=rpm, seed=seed,
+        time_limit_s=limit_for(jobs, 3, real, scale, 4), ideal_rpm=real, polls_count=True,
+        snapshot_after_s=60.0 * scale,
+    )  # fmt: skip
     br = rows[0]
     share = br.after.get("share_429", float("nan"))
     frac = br.after.get("goodput", 0.0) / br.ideal
@@ -557,15 +576,10 @@ def scenario_refused_count(
     path = work / "jobs_s5.jsonl"
     write_text_jobs(path, jobs)
     server = sim_args(scale, "--rpm", str(rpm), "--count-refused")
-    common = dict(
-        jobs=path, scale=scale, rpm=rpm, seed=seed, time_limit_s=limit_for(jobs, 3, rpm, scale, 3)
-    )
-    runs = [run_client("batchrunner", "batchrunner", server, polls_count="auto", **common)]
-    concurrency = max(4, int(runs[0].report.get("peak_in_flight") or 16))
-    runs.append(run_client("SDK", "sdk", server, concurrency=concurrency, **common))
-    runs.append(run_client("plain loop", "plain", server, concurrency=concurrency, **common))
-    rows = [figures(r, jobs=jobs, scale=scale, rpm=rpm, polls_count=True) for r in runs]
-    rows[0].concurrency = int(rows[0].extra.get("peak_in_flight") or 0)
+    rows = with_baselines(
+        server, path, jobs=jobs, scale=scale, rpm=rpm, seed=seed,
+        time_limit_s=limit_for(jobs, 3, rpm, scale, 3), ideal_rpm=rpm, polls_count=True,
+    )  # fmt: skip
     br, sdk = rows[0], rows[1]
     return rows, [
         check(
