@@ -70,6 +70,9 @@ async def test_auto_learns_polls_count_with_few_429s_and_keeps_the_rate(tmp_path
     stats, elapsed = await run_budget_bound(
         tmp_path, 200, server, rpm=60, polls_count=PollsCount.AUTO
     )
-    assert stats["rate_limited"]["total"] <= 3
+    # The first 429 and the "free" polls already in the air with it: 1 to 5
+    # here, depending on how many were in the air (real loopback sockets).
+    # Before the fixes, 19: queued submits went out into the cool-down.
+    assert stats["rate_limited"]["total"] <= 8
     lower_bound_s = 200 * 3 / 60 * 60 + 11.2
     assert lower_bound_s / elapsed >= 0.85
