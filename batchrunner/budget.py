@@ -142,27 +142,32 @@ class SentWindow:
         self._buckets: deque[list[int]] = deque()  # [bucket index, count], oldest first
 
     def record(self, now: float) -> None:
-        index = math.floor(now / self._width)
+        index = self._expire(now)
         if self._buckets and self._buckets[-1][0] == index:
             self._buckets[-1][1] += 1
         else:
             self._buckets.append([index, 1])
-        while self._buckets[0][0] <= index - 60:
-            self._buckets.popleft()
 
     def drained_at(self, now: float, limit: float) -> float:
         """When at most `limit` - 1 of the requests sent so far are still inside
         a window ending then: `now` if that is already so."""
-        self.record(now)
-        self._buckets[-1][1] -= 1  # record() was only to expire old buckets
+        self._expire(now)
         total = sum(count for _, count in self._buckets)
         drained = now
         for index, count in self._buckets:
             if total <= limit - 1:
                 break
             total -= count
+            # Every request of a bucket has left the window once its end has.
             drained = (index + 1) * self._width + RATE_WINDOW_S
         return max(now, drained)
+
+    def _expire(self, now: float) -> int:
+        """Drop the buckets that have left the window; return the bucket of `now`."""
+        index = math.floor(now / self._width)
+        while self._buckets and self._buckets[0][0] <= index - 60:
+            self._buckets.popleft()
+        return index
 
 
 @dataclass(frozen=True, slots=True)
