@@ -293,6 +293,15 @@ class EstimateRow:
         return (self.cli_estimate or 0) / self.reported if self.reported else float("nan")
 
 
+def real_run_args(common: list[str], url: str, out: Path) -> list[str]:
+    """`caption` arguments of a real run: no rate limit, polls free, the scaled latency."""
+    return [
+        *common,
+        "--base-url", url, "--rpm", "600000", "--polls-count", "no", "--quiet",
+        "-o", str(out), "--expected-latency", "0.02",
+    ]  # fmt: skip
+
+
 def estimate_vs_real(
     sim: SimProcess, folder: Folder, tmp: Path, variant: str, max_side: int | None
 ) -> EstimateRow:
@@ -316,20 +325,7 @@ def estimate_vs_real(
     real = run_measured(
         f"real-{variant}",
         folder.images,
-        [
-            *common,
-            "--base-url",
-            sim.url,
-            "--rpm",
-            "600000",
-            "--polls-count",
-            "no",
-            "--quiet",
-            "-o",
-            str(out),
-            "--expected-latency",
-            "0.02",
-        ],
+        real_run_args(common, sim.url, out),
         900,
         tmp,
     )
@@ -484,20 +480,7 @@ def memory(sim: SimProcess, tmp: Path, pool: list[tuple[str, bytes, int]], args)
             commands.append(
                 (
                     "real",
-                    [
-                        *common,
-                        "--base-url",
-                        sim.url,
-                        "--rpm",
-                        "600000",
-                        "--polls-count",
-                        "no",
-                        "--quiet",
-                        "-o",
-                        str(out),
-                        "--expected-latency",
-                        "0.02",
-                    ],
+                    real_run_args(common, sim.url, out),
                 )
             )
         for kind, command in commands:

@@ -724,20 +724,21 @@ class Simulator:
             return None
         return job
 
+    def _seen(self, job: JobTimes, now: float) -> tuple[RequestStats, str]:
+        """The request's counters and state; a terminal state counts as seen."""
+        stats = self.stats.per_request[job.request_id]
+        state = job.state(now)
+        if state not in ("QUEUED", "PROCESSING") and stats.first_seen_done_at is None:
+            stats.first_seen_done_at = now
+        return stats, state
+
     async def _status(self, request: web.Request) -> web.Response:
         now = self.now()
         job = self._live_job(request, now)
         if job is None:
             return _error(404, NOT_FOUND_ERROR)
-        stats = self.stats.per_request[job.request_id]
+        stats, state = self._seen(job, now)
         stats.status_polls += 1
-        state = job.state(now)
-        if state == "QUEUED" or state == "PROCESSING":
-            return _json(
-                200, {"status": state, "request_id": job.request_id, "metrics": job.metrics(now)}
-            )
-        if stats.first_seen_done_at is None:
-            stats.first_seen_done_at = now
         if state == "FAILED":
             return self._failed_answer(job)
         return _json(
@@ -749,13 +750,10 @@ class Simulator:
         job = self._live_job(request, now)
         if job is None:
             return _error(404, NOT_FOUND_ERROR)
-        stats = self.stats.per_request[job.request_id]
+        stats, state = self._seen(job, now)
         stats.result_fetches += 1
-        state = job.state(now)
         if state == "QUEUED" or state == "PROCESSING":
             return _json(200, {"status": state, "request_id": job.request_id, "output": None})
-        if stats.first_seen_done_at is None:
-            stats.first_seen_done_at = now
         if stats.first_result_at is None:
             stats.first_result_at = now
         if state == "FAILED":
