@@ -163,6 +163,8 @@ def run_batchrunner(args: argparse.Namespace) -> dict[str, Any]:
     kwargs, notes = scale_batchrunner(scale)
     if args.latency_prior is not None:
         kwargs["latency_prior_s"] = args.latency_prior
+    if args.max_in_flight is not None:
+        kwargs["max_in_flight"] = args.max_in_flight
     config = RunConfig(
         jobs_path=args.jobs,
         output_path=args.out,
@@ -423,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-prior", type=float, default=None, help="batchrunner prior, real seconds"
     )
+    parser.add_argument("--max-in-flight", type=int, default=None, help="batchrunner's")
     args = parser.parse_args(argv)
     runner = {
         "batchrunner": run_batchrunner,
