@@ -88,8 +88,12 @@ class CaptionSource:
         path_column: str = "path",
         prompt_column: str = "prompt",
         path_base: Path | None = None,
+        numbers: tuple[int, int] | None = None,
     ) -> None:
         self.source = source
+        self.numbers = numbers
+        """Only the items numbered first <= n < stop (walk order in a folder, line
+        numbers in a manifest): one shard of the source (batchrunner.shards)."""
         self.is_folder = source.is_dir()
         self.prompt = prompt
         self.instruction = instruction
@@ -133,7 +137,12 @@ class CaptionSource:
 
     def _folder(self) -> Iterator[Job | InvalidJob]:
         prompt = self.prompt or ""
+        first, stop = self.numbers or (1, None)
         for number, (path, relative) in enumerate(self._walk(self.root, ""), start=1):
+            if number < first:
+                continue  # another shard's: not even sniffed
+            if stop is not None and number >= stop:
+                break
             try:
                 media_type, head = sniff_file(path, relative)
             except ImageError as exc:
@@ -182,7 +191,12 @@ class CaptionSource:
             else _jsonl_rows(self.source)
         )
         seen: set[str] = set()
+        first, stop = self.numbers or (1, None)
         for number, row in rows:
+            if number < first or (stop is not None and number >= stop):
+                # Another shard's row: its id only, for the duplicate check.
+                seen.add(self._row_id(number, row))
+                continue
             item = self._manifest_item(number, row)
             if item.custom_id in seen:
                 message = (
@@ -195,6 +209,21 @@ class CaptionSource:
                 item = InvalidJob.of_message(unique, number, message)
             seen.add(item.custom_id)
             yield item
+
+    def _row_id(self, number: int, row: Any) -> str:
+        """The custom_id a manifest row gets (as `_manifest_item` names it), unchecked."""
+        value = row.get(self.path_column) if isinstance(row, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            return f"line-{number}"
+        return _safe_id(value.strip())
+
+    def count_numbers(self) -> int:
+        """The highest number an item of the source may have (files walked in a
+        folder, lines of a manifest): shards cover 1 to this."""
+        if self.is_folder:
+            return sum(1 for _ in self._walk(self.root, ""))
+        with self.source.open("rb") as handle:
+            return sum(1 for _ in handle)
 
     def _manifest_item(self, number: int, row: Any) -> Job | InvalidJob:
         fallback = f"line-{number}"
@@ -409,6 +438,7 @@ def make_source(args: argparse.Namespace, path_base: Path | None = None) -> Capt
 
 
 def _caption(args: argparse.Namespace, argv: list[str]) -> int:
+    cli.check_engine_options(args)
     if args.write_jobs is not None:
         return write_jobs(make_source(args, args.write_jobs.resolve().parent), args.write_jobs)
     source = make_source(args)
@@ -473,6 +503,11 @@ async def _run(
             jobs=source,
             jobs_dir=source.path_base,
         )
+        if args.engine == "ray":
+            from batchrunner.shards import CaptionShards
+
+            total = count_candidates(source)
+            return await cli.run_on_ray(args, argv, CaptionShards(source), config, total)
         display = cli.make_display(args, 0)
         if display.mode != "off":
             display.total = count_candidates(source)

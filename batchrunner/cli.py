@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -165,9 +166,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop submitting once spent plus in-flight estimated cost would pass USD "
         "(in-flight jobs finish; exit 1; resume with a higher cap)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="where the work runs: this process, or shards on a Ray cluster (pip install "
+        "'batchrunner[ray]'; one budget for the whole cluster)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --engine ray: the cluster to join (default: RAY_ADDRESS, as `ray job "
+        "submit` sets it, else a local Ray started for the run)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        metavar="N",
+        help="with --engine ray: shards run at once (default: the cluster's CPUs)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=positive_int,
+        metavar="N",
+        help="with --engine ray: jobs per shard, the unit of work and of recovery (default "
+        "1000; a rerun keeps the size its parts were made with)",
+    )
     add_dry_run_options(parser)
     parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     return parser
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """The Ray options mean nothing to the local engine: say so rather than ignore them."""
+    if args.engine == "ray":
+        return
+    for flag, value in (
+        ("--ray-address", args.ray_address),
+        ("--workers", args.workers),
+        ("--shard-size", args.shard_size),
+    ):
+        if value is not None:
+            raise ConfigError(f"{flag} needs --engine ray")
 
 
 def read_api_key(args: argparse.Namespace) -> ApiKey:
@@ -270,6 +310,7 @@ def run_command(
 
 
 async def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    check_engine_options(args)
     jobs: Path = args.jobs
     if not jobs.is_file():
         raise ConfigError(f"jobs file {jobs} not found or not a file")
@@ -286,6 +327,10 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
         config = run_config(
             args, output=output, base_url=base_url, key=key, time_scale=time_scale, jobs_path=jobs
         )
+        if args.engine == "ray":
+            from batchrunner.shards import JsonlShards
+
+            return await run_on_ray(args, argv, JsonlShards(jobs, args.model), config, total)
         with make_display(args, total) as display:
             outcome = await run(
                 config,
@@ -295,6 +340,47 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
             )
     print_summary(outcome, output, total, quiet=args.quiet)
     _print_ending(outcome, argv)
+    return outcome.exit_code
+
+
+async def run_on_ray(
+    args: argparse.Namespace, argv: list[str], source: Any, config: RunConfig, total: int
+) -> int:
+    """`--engine ray`: the shards of `source` on a Ray cluster (batchrunner.engine_ray);
+    the results line and the ending as the local engine prints them."""
+    try:
+        from batchrunner import engine_ray
+    except ImportError as exc:
+        raise ConfigError(
+            f"--engine ray needs Ray ({exc.name or exc}): pip install 'batchrunner[ray]'"
+        ) from None
+    config.check()
+    job = engine_ray.ClusterRun(
+        source=source,
+        config=config,
+        total=total,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        progress_every_s=args.progress_every or float("inf"),
+        quiet=args.quiet,
+    )
+    if args.shard_size is not None:
+        job.shard_size = args.shard_size
+    outcome = await engine_ray.run_cluster(job, say)
+    in_file = outcome.in_file
+    kinds = ", ".join(
+        f"{in_file[kind]:,} {kind}" for kind in ("succeeded", "errored", "expired") if in_file[kind]
+    )
+    print(
+        f"results: {config.output_path} ({sum(in_file.values()):,} of {total:,} jobs"
+        f"{': ' + kinds if kinds else ''}; {outcome.merged:,} of {outcome.shards:,} shards "
+        f"merged, parts in {engine_ray.parts_dir_for(config.output_path)})",
+        file=sys.stderr,
+        flush=True,
+    )
+    if outcome.exit_code != 0 and outcome.merged < outcome.shards:
+        resume = "batchrunner " + shlex.join(a for a in argv if a not in ("--restart", "--yes"))
+        say(f"not every shard finished; resume with: {resume}")
     return outcome.exit_code
 
 

@@ -8,13 +8,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 from batchrunner.api import SegmindClient
 from batchrunner.breaker import CircuitBreaker
-from batchrunner.budget import RateBudget
+from batchrunner.budget import Budget, PollsCount
 from batchrunner.cache import ResponseCache
 from batchrunner.estimate import DEFAULT_OUTPUT_TOKENS_PER_JOB
 from batchrunner.fetch import ImageFetcher
@@ -42,6 +42,38 @@ class LoopClock:
 
     def __call__(self) -> float:
         return self._offset + self._loop_time()
+
+
+class CostLedger(Protocol):
+    """What the stages of a run ask of the --max-cost ledger: `Spend` locally,
+    a proxy to one ledger of the whole cluster under the Ray engine."""
+
+    @property
+    def prices(self) -> PriceList: ...
+
+    @property
+    def cap_usd(self) -> float | None: ...
+
+    @property
+    def spent_usd(self) -> float: ...
+
+    @property
+    def earlier_usd(self) -> float: ...
+
+    async def reserve(self, custom_id: str, estimate_usd: float) -> bool: ...
+
+    def release(self, custom_id: str) -> None: ...
+
+    def finished(self, line: dict[str, Any]) -> None: ...
+
+
+class SharedLimits(Protocol):
+    """Makes a run's budget and cost ledger when they are shared beyond the run
+    (RunConfig.shared): the Ray engine's workers share one of each."""
+
+    def budget(self, rpm: float, polls_count: PollsCount, clock: LoopClock) -> Budget: ...
+
+    def ledger(self, prices: PriceList, cap_usd: float | None, spent_usd: float) -> CostLedger: ...
 
 
 class Spend:
@@ -151,13 +183,13 @@ class RunContext:
     spend), not in flags here."""
 
     client: SegmindClient
-    budget: RateBudget
+    budget: Budget
     breaker: CircuitBreaker
     stop: StopController
     writer: Writer
     clock: LoopClock
     stats: RunStats
-    spend: Spend
+    spend: CostLedger
     jobs_dir: Path
     retry: RetryPolicy
     latency: LatencyModel

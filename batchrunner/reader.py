@@ -95,7 +95,7 @@ def read_jobs(path: Path, default_model: str, *, watch: bool = False) -> Iterato
     with path.open("rb") as handle:
         lines: Iterable[bytes] = handle
         if watch:
-            lines = _unchanged_lines(handle, path)
+            lines = unchanged_lines(handle, path)
         yield from parse_job_lines(lines, default_model, expected)
 
 
@@ -111,8 +111,9 @@ def count_job_lines(path: Path) -> int:
     return count
 
 
-def _unchanged_lines(handle: BinaryIO, path: Path) -> Iterator[bytes]:
-    """The file's lines, each from a chunk read while the file stayed as it was.
+def unchanged_lines(handle: BinaryIO, path: Path) -> Iterator[bytes]:
+    """The file's lines from the handle's position on, each from a chunk read
+    while the file stayed as it was.
 
     The file is checked after every read: unchanged then means unchanged
     during the read, so a line never joins bytes of two versions.
@@ -146,14 +147,15 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
 
 
 def parse_job_lines(
-    lines: Iterable[bytes | str], default_model: str, expected: int = 0
+    lines: Iterable[bytes | str], default_model: str, expected: int = 0, *, start: int = 1
 ) -> Iterator[Job | InvalidJob]:
     """Jobs of JSONL lines; `expected` (how many lines there are) sizes the
-    duplicate check once instead of growing it."""
+    duplicate check once instead of growing it. `start`: the line number of
+    the first line (a shard of a file starts further in)."""
     # 8-byte digests in a compact table, not the ids themselves: ~11 bytes a
     # line; a false duplicate needs a 64-bit collision (~1e-8 at 1e6 ids).
     seen = DigestSet(expected)
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=start):
         if number == 1:
             raw = _without_bom(raw)
         if not raw.strip():

@@ -19,9 +19,9 @@ from yarl import URL
 from batchrunner import interrupts
 from batchrunner.api import ApiKey, HttpSettings, SegmindClient, make_session
 from batchrunner.breaker import CircuitBreaker
-from batchrunner.budget import PollsCount, RateBudget
+from batchrunner.budget import Budget, PollsCount, RateBudget
 from batchrunner.cache import ResponseCache
-from batchrunner.context import LoopClock, RunContext, RunStats, Spend
+from batchrunner.context import CostLedger, LoopClock, RunContext, RunStats, SharedLimits, Spend
 from batchrunner.display import rerun_lines
 from batchrunner.errors import ConfigError, ResultsFileError
 from batchrunner.estimate import DEFAULT_OUTPUT_TOKENS_PER_JOB
@@ -94,6 +94,9 @@ class RunConfig:
     cache_max_age_s: float | None = None
     jobs_dir: Path | None = None
     """Folder that relative image paths are resolved against (default: the jobs file's)."""
+    shared: SharedLimits | None = None
+    """The rate budget and cost ledger come from here when they are shared with
+    other runs (the Ray engine's shards); None: this run's own."""
 
     def scale_time(self, time_scale: float) -> None:
         """Fit a simulator whose clock runs 1/time_scale times faster than the
@@ -243,7 +246,11 @@ async def _run_locked(
     stats = RunStats()
     prices = PriceList(config.price_in, config.price_out)
     spent = prices.cost_usd(prior.input_tokens, prior.output_tokens)
-    spend = Spend(prices, config.max_cost_usd, spent)
+    spend: CostLedger
+    if config.shared is not None:
+        spend = config.shared.ledger(prices, config.max_cost_usd, spent)
+    else:
+        spend = Spend(prices, config.max_cost_usd, spent)
     replaced = 0
 
     def on_result(line: dict[str, Any]) -> None:
@@ -263,7 +270,11 @@ async def _run_locked(
     _open(writer, prior, config.restart, clock())
     if config.restart:
         prior, journaled = PriorResults(), {}
-    budget = RateBudget(config.rpm, config.polls_count, clock, rng)
+    budget: Budget
+    if config.shared is not None:
+        budget = config.shared.budget(config.rpm, config.polls_count, clock)
+    else:
+        budget = RateBudget(config.rpm, config.polls_count, clock, rng)
     latency = LatencyModel(prior_s=config.latency_prior_s)
     fixed_limit = config.max_in_flight
     limit = fixed_limit or default_max_in_flight(
