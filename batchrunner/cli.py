@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address",
         metavar="ADDR",
         help="with --engine ray: the cluster to join (default: RAY_ADDRESS, as `ray job "
-        "submit` sets it, else a local Ray started for the run)",
+        "submit` sets it, else the one `ray start` started here, else a local Ray for the run)",
     )
     parser.add_argument(
         "--workers",

@@ -366,7 +366,7 @@ def connect(address: str | None) -> None:
         address=address,
         namespace=NAMESPACE,
         include_dashboard=False,
-        logging_level=logging.WARNING,
+        logging_level=logging.ERROR,  # not its token-authentication notice on every run
         log_to_driver=False,
         configure_logging=True,
     )
