@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +77,17 @@ class BudgetActor:
     """Everything budget-wide of the cluster, behind one async actor."""
 
     def __init__(
-        self, rpm: float, polls_count: str, cap_usd: float | None, prices: tuple[float, float]
+        self,
+        rpm: float,
+        polls_count: str,
+        cap_usd: float | None,
+        prices: tuple[float, float],
+        merged_usd: float,
     ) -> None:
         self.budget = RateBudget(rpm, PollsCount(polls_count), time.time)
-        self.spend = Spend(PriceList(*prices), cap_usd)
+        # What the shards merged before this run spent: they do not run again,
+        # and the cap is on the whole results file, as a local run's.
+        self.spend = Spend(PriceList(*prices), cap_usd, merged_usd)
         self._earlier: dict[str, float] = {}
         """Per shard: what its part had spent when its current attempt started."""
         self._run: dict[str, float] = {}
@@ -241,15 +248,13 @@ class RayLimits:
 
     actor_name: str
     shard: str
-    budget_proxy: RemoteBudget | None = field(default=None)
 
     def _actor(self) -> Any:
         return ray.get_actor(self.actor_name, namespace=NAMESPACE)
 
     def budget(self, rpm: float, polls_count: PollsCount, clock: LoopClock) -> RemoteBudget:
         actor = self._actor()
-        self.budget_proxy = RemoteBudget(actor, rpm, ray.get(actor.state.remote()))
-        return self.budget_proxy
+        return RemoteBudget(actor, rpm, ray.get(actor.state.remote()))
 
     def ledger(self, prices: PriceList, cap_usd: float | None, spent_usd: float) -> CostLedger:
         actor = self._actor()
@@ -343,7 +348,6 @@ class ClusterRun:
     shard_size: int = DEFAULT_SHARD_SIZE
     progress_every_s: float = 30.0
     quiet: bool = False
-    log: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -381,14 +385,30 @@ async def run_cluster(job: ClusterRun, say: Any) -> ClusterOutcome:
     lock.acquire()
     try:
         connect(job.ray_address)
+        if config.restart:
+            _set_aside(parts_dir, output)
         shard_size = _stored_shard_size(parts_dir) or job.shard_size
         shards = job.source.plan_shards(shard_size)
         merger = PartsMerger(output, parts_dir)
         plan = {"shard_size": shard_size, "input": job.source.identity(), "shards": len(shards)}
         merger.open(plan, fresh=config.restart or config.retry_errored)
+        # Every attempt of a shard resumes: Ray's retry of a shard whose worker
+        # died must not start it afresh (and pay again for what it journaled).
+        job.config = replace(config, restart=False)
         return await _drive(job, shards, merger, say)
     finally:
         lock.release()
+
+
+def _set_aside(parts_dir: Path, output: Path) -> None:
+    """--restart: the earlier parts and results file move aside, kept, into
+    `RESULTS.parts.before-<time>/`; nothing is deleted."""
+    aside = parts_dir.with_name(f"{parts_dir.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+    if parts_dir.exists():
+        parts_dir.rename(aside)
+    if output.exists():
+        aside.mkdir(exist_ok=True)
+        output.rename(aside / output.name)
 
 
 def _stored_shard_size(parts_dir: Path) -> int | None:
@@ -414,6 +434,7 @@ async def _drive(
         config.polls_count.value,
         config.max_cost_usd,
         (config.price_in, config.price_out),
+        _spent_usd(config, merger, shards),
     )
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     workers = job.workers or max(1, int(cpus))
@@ -451,13 +472,10 @@ async def _drive(
                 continue
             if outcome.complete:
                 merger.merge(shard)
-            elif outcome.exit_code in (1, 3) and stop_message is None:
+            elif stop_message is None:  # refused key, cost cap, input changed, a full disk
                 stop_code = outcome.exit_code
                 stop_message = f"shard {shard.name}: {outcome.message}"
                 say(f"stopping: {stop_message}; the running shards finish")
-            else:
-                failed.append(shard.name)
-                say(f"shard {shard.name} stopped: {outcome.message}; rerun to resume it")
         if stop_message is not None:
             queue.clear()
         if not job.quiet:
@@ -482,6 +500,18 @@ async def _drive(
         failed_shards=failed,
         stop_message=stop_message,
     )
+
+
+def _spent_usd(config: RunConfig, merger: PartsMerger, shards: list[Shard]) -> float:
+    """What the parts of the shards merged before this run spent (one read of each)."""
+    prices = PriceList(config.price_in, config.price_out)
+    spent = 0.0
+    for shard in shards:
+        path = part_path(merger.parts_dir, shard)
+        if shard.name in merger.merged and path.is_file():
+            prior = load_prior(path, repair=False)
+            spent += prices.cost_usd(prior.input_tokens, prior.output_tokens)
+    return spent
 
 
 def _first_line(exc: BaseException) -> str:

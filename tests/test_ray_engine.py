@@ -204,7 +204,7 @@ def test_killed_driver_rerun_of_the_same_command_resumes(kills: dict[str, Any]) 
 
 def test_one_budget_actor_orders_waiters_and_a_429_pauses_every_worker(ray_address: str) -> None:
     actor = BudgetActor.options(name="test-budget", max_concurrency=1000).remote(
-        600.0, "yes", None, (3.0, 15.0)
+        600.0, "yes", None, (3.0, 15.0), 0.0
     )
     try:
         ray.get(actor.acquire_submit.remote())  # the next slot is 0.1 s away
