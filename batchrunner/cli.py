@@ -380,7 +380,8 @@ async def run_on_ray(
     )
     if outcome.exit_code != 0 and outcome.merged < outcome.shards:
         resume = "batchrunner " + shlex.join(a for a in argv if a not in ("--restart", "--yes"))
-        say(f"not every shard finished; resume with: {resume}")
+        why = "interrupted" if outcome.interrupted else "not every shard finished"
+        say(f"{why}; resume with: {resume}")
     return outcome.exit_code
 
 

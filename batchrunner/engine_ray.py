@@ -35,6 +35,7 @@ import anyio
 import orjson
 import ray
 
+from batchrunner import interrupts
 from batchrunner.budget import PollsCount, RateBudget
 from batchrunner.context import CostLedger, LoopClock, Spend
 from batchrunner.display import hms
@@ -61,6 +62,7 @@ LOCK_WAIT_S = 60.0
 """A shard's part may still be locked by the process of an attempt that Ray
 has just declared dead (or of a killed driver's task): wait for it this long."""
 REPORT_EVERY_S = 0.5
+EXIT_INTERRUPTED = 130
 
 
 def actor_name(output: Path) -> str:
@@ -94,6 +96,7 @@ class BudgetActor:
         """Per shard: what its current attempt has spent."""
         self._reports: dict[str, dict[str, Any]] = {}
         """Per attempt (shard and pid): the runner's latest counters."""
+        self._stop = False
 
     # The budget ------------------------------------------------------------
     def _state(self) -> tuple[bool, float, float]:
@@ -143,6 +146,14 @@ class BudgetActor:
         self.spend.spent_usd += cost_usd
         self._run[shard] = self._run.get(shard, 0.0) + cost_usd
         self.spend.release(f"{shard}/{custom_id}")
+
+    # Stop -------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """The driver was interrupted: every shard stops (its journal keeps the rest)."""
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
 
     # Progress ---------------------------------------------------------------
     def report(self, attempt: str, figures: dict[str, Any]) -> tuple[bool, float, float]:
@@ -289,6 +300,7 @@ def run_shard(
         handle_signals=False,
     )
     actor = ray.get_actor(name, namespace=NAMESPACE)
+    shard_config.should_stop = lambda: bool(ray.get(actor.stop_requested.remote()))
     where = {"shard": shard.name, "pid": os.getpid(), "node": socket.gethostname()}
     last = [0.0]
 
@@ -443,18 +455,33 @@ async def _drive(
     per_task_cpus = min(1.0, cpus / workers)
     task = run_shard.options(num_cpus=per_task_cpus)
     todo = [shard for shard in shards if shard.name not in merger.merged]
-    display = ClusterDisplay(job, merger, shards, todo, workers)
-    say(
-        f"ray: {len(shards):,} shard(s) of up to {shards[0].size if shards else 0:,} jobs, "
-        f"{len(shards) - len(todo):,} done before; {workers} worker(s) at once; parts in "
-        f"{merger.parts_dir}"
-    ) if not job.quiet else None
+    display = ClusterDisplay(job, merger, shards, todo)
+    if not job.quiet:
+        say(
+            f"ray: {len(shards):,} shard(s) of up to {shards[0].size if shards else 0:,} jobs, "
+            f"{len(shards) - len(todo):,} done before; {workers} worker(s) at once; parts in "
+            f"{merger.parts_dir}"
+        )
     running: dict[Any, Shard] = {}
     failed: list[str] = []
     stop_message: str | None = None
     stop_code = 0
     queue = list(reversed(todo))
     while queue or running:
+        signals = interrupts.take()  # recorded since the command began (cli.main)
+        if signals and stop_code != EXIT_INTERRUPTED:
+            stop_code, stop_message = EXIT_INTERRUPTED, "interrupted"
+            actor.request_stop.remote()
+            say(
+                f"stopping: no new shards; the {len(running)} running stop now and keep their "
+                "journals (the same command resumes them). Ctrl-C again to end them at once."
+            )
+            signals -= 1
+        if signals:
+            for ref in running:
+                ray.cancel(ref, force=True)  # as a kill: the journals keep what was paid
+            say("stopped the running shards at once; the same command resumes them")
+            break
         while queue and len(running) < workers and stop_message is None:
             shard = queue.pop()
             ref = task.remote(shard, job.source, config, name, str(merger.parts_dir))
@@ -471,7 +498,7 @@ async def _drive(
                 say(f"shard {shard.name} failed: {_first_line(exc)}; rerun to resume it")
                 continue
             if outcome.complete:
-                merger.merge(shard)
+                display.merged(merger.merge(shard))
             elif stop_message is None:  # refused key, cost cap, input changed, a full disk
                 stop_code = outcome.exit_code
                 stop_message = f"shard {shard.name}: {outcome.message}"
@@ -499,6 +526,7 @@ async def _drive(
         shards=len(shards),
         failed_shards=failed,
         stop_message=stop_message,
+        interrupted=stop_code == EXIT_INTERRUPTED,
     )
 
 
@@ -527,25 +555,23 @@ class ClusterDisplay:
     """The driver's progress: cluster totals and one line per running worker."""
 
     def __init__(
-        self,
-        job: ClusterRun,
-        merger: PartsMerger,
-        shards: list[Shard],
-        todo: list[Shard],
-        workers: int,
+        self, job: ClusterRun, merger: PartsMerger, shards: list[Shard], todo: list[Shard]
     ) -> None:
         self.job = job
         self.total = job.total
         todo_names = {shard.name for shard in todo}
-        self.done_before = sum(
+        self.merged_jobs = sum(
             _lines(part_path(merger.parts_dir, shard))
             for shard in shards
             if shard.name not in todo_names
         )
-        self.workers = workers
         self.started = time.monotonic()
         self.printed_at = float("-inf")
         self.samples: list[tuple[float, int, int]] = []
+
+    def merged(self, lines: int) -> None:
+        """A shard's part went into the results file: its jobs are done."""
+        self.merged_jobs += lines
 
     async def tick(self, actor: Any, running: set[str], *, final: bool = False) -> None:
         now = time.monotonic()
@@ -559,11 +585,11 @@ class ClusterDisplay:
     def lines(self, stats: dict[str, Any], now: float, running: set[str]) -> list[str]:
         attempts: dict[str, dict[str, Any]] = stats["attempts"]
         latest: dict[str, dict[str, Any]] = {}
-        for figures in attempts.values():  # the latest attempt of each shard
+        for figures in attempts.values():  # the latest attempt of each running shard
             shard = figures["shard"]
-            if shard not in latest or figures["at"] > latest[shard]["at"]:
+            if shard in running and (shard not in latest or figures["at"] > latest[shard]["at"]):
                 latest[shard] = figures
-        done = self.done_before + sum(f["done"] for f in latest.values())
+        done = self.merged_jobs + sum(f["done"] for f in latest.values())
         in_flight = sum(f["in_flight"] for f in latest.values())
         counted = sum(f["counted"] for f in attempts.values())
         self.samples.append((now, done, counted))

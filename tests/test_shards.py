@@ -121,3 +121,20 @@ def test_a_results_file_not_made_by_the_ray_engine_is_left_alone(tmp_path: Path)
     with pytest.raises(ConfigError, match="not written by --engine ray"):
         PartsMerger(results, parts_dir_for(results)).open({}, fresh=False)
     assert results.read_text() == '{"custom_id": "x"}\n'
+
+
+def test_ray_options_need_the_ray_engine(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    jobs = tmp_path / "jobs.jsonl"
+    _jobs_file(jobs, 2)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrunner", str(jobs), "--simulate", "--workers", "3"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "batchrunner: error: --workers needs --engine ray"
+    assert not (tmp_path / "jobs.results.jsonl").exists()
