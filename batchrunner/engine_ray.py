@@ -302,14 +302,18 @@ def run_shard(
     actor = ray.get_actor(name, namespace=NAMESPACE)
     shard_config.should_stop = lambda: bool(ray.get(actor.stop_requested.remote()))
     where = {"shard": shard.name, "pid": os.getpid(), "node": socket.gethostname()}
-    last = [0.0]
+    last: list[Any] = [0.0, None]  # when the last report went, and its answer
 
     def report(ctx: Any, poller: Any) -> None:
         now = time.monotonic()
         if now - last[0] < REPORT_EVERY_S:
             return
-        last[0] = now
-        actor.report.remote(attempt, {**where, **_figures(ctx)})
+        answer = last[1]
+        if answer is not None and ray.wait([answer], timeout=0)[0]:
+            # The budget's state as the actor has it: a worker that only polls
+            # (its submits done) learns within a report that polls now count.
+            ctx.budget.update(ray.get(answer))
+        last[0], last[1] = now, actor.report.remote(attempt, {**where, **_figures(ctx)})
 
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
