@@ -74,7 +74,8 @@ class Poller:
         self._sleeping_until = -math.inf  # while the loop is not asleep, it sees every push
         self._active = 0
         self._intake_closed = False
-        self._slots = anyio.Semaphore(POLL_CONCURRENCY)
+        # fast_acquire: no checkpoint when a slot is free (one poll per job).
+        self._slots = anyio.Semaphore(POLL_CONCURRENCY, fast_acquire=True)
         self._tg: TaskGroup | None = None
 
     # --- feeding ----------------------------------------------------------

@@ -445,7 +445,10 @@ async def _read(
             borrower = object()
             # Waiting here is the backpressure: memory is bounded by the
             # jobs in flight, not by the size of the file.
-            await ctx.in_flight.acquire_on_behalf_of(borrower)
+            try:  # a free slot needs no trip through the event loop
+                ctx.in_flight.acquire_on_behalf_of_nowait(borrower)
+            except anyio.WouldBlock:
+                await ctx.in_flight.acquire_on_behalf_of(borrower)
             if isinstance(item, InvalidJob):
                 _write_invalid(ctx, item)
                 ctx.in_flight.release_on_behalf_of(borrower)
