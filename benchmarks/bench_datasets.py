@@ -41,13 +41,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, machine, runner_env
-
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(REPO))
 
-from batchrunner import prepare  # noqa: E402
-from batchrunner.imagecheck import probe_image  # noqa: E402
+from batchrunner import prepare
+from batchrunner.imagecheck import probe_image
 
 
 def make_jpegs(folder: Path, count: int) -> list[Path]:
