@@ -37,7 +37,8 @@ from batchrunner.errors import ResultsFileError
 from batchrunner.estimate import add_dry_run_options, dry_run, print_report
 from batchrunner.imagecheck import not_accepted_error, other_format, sniff_file
 from batchrunner.images import ImageError
-from batchrunner.reader import MAX_CUSTOM_ID_CHARS, InvalidJob, Job, fingerprint
+from batchrunner.reader import MAX_CUSTOM_ID_CHARS, InvalidJob, Job, digest, fingerprint
+from batchrunner.resultsfile import PriorResults, load_prior
 from batchrunner.runner import ConfigError, run
 from batchrunner.sources import (
     Row,
@@ -64,6 +65,7 @@ class SourceStats:
     other_skipped: int = 0
     """Symbolic links to folders, sockets and the like."""
     unreadable: int = 0
+    shards_skipped: int = 0
     complete: bool = False
 
     def notes(self) -> list[str]:
@@ -81,6 +83,8 @@ class SourceStats:
             notes.append(f"skipped {self.other_skipped:,} link(s) to folders or special file(s)")
         if self.unreadable:
             notes.append(f"could not list {self.unreadable:,} folder(s)")
+        if self.shards_skipped:
+            notes.append(f"{self.shards_skipped:,} shard(s) done earlier: not opened again")
         return notes
 
 
@@ -120,6 +124,8 @@ class CaptionSource:
         self.path_base = (path_base or root).resolve()
         """Folder that the image paths in the jobs are relative to (the jobs_dir)."""
         self.stats = SourceStats()
+        self.results_path: Path | None = None
+        """The run's results file: WebDataset shards done in it are not opened again."""
 
     def __call__(self) -> Iterator[Job | InvalidJob]:
         self.stats = SourceStats()
@@ -322,7 +328,11 @@ class CaptionSource:
 
     def _dataset(self) -> Iterator[Job | InvalidJob]:
         seen = DigestSet()
-        for row in self.dataset_rows():
+        rows = self._shard_rows() if self.kind == "webdataset" else self.dataset_rows()
+        for row in rows:
+            if not isinstance(row, Row):  # a job of a shard that is not opened again
+                yield row
+                continue
             where = f"image {row.custom_id!r}"
             item = self._row_job(row, where)
             if item.custom_id in seen:
@@ -332,6 +342,36 @@ class CaptionSource:
                 )
             seen.add(item.custom_id)
             yield item
+
+    def _shard_rows(self) -> Iterator[Row | Job | InvalidJob]:
+        """`dataset_rows` of WebDataset shards, but a shard whose every key has a
+        result that answers the same request (the same shard, unchanged, with the
+        same settings) is not opened: its jobs are named from the shard index
+        beside the results file, so that the runner skips them."""
+        index = ShardIndex(self.results_path) if self.results_path is not None else None
+        settings = self._settings_digest()
+        number = 1
+        for shard, name in zip(self.shards, webdataset.shard_names(self.shards), strict=True):
+            identity = _shard_identity(shard)
+            if index is not None:
+                done = index.done_jobs(name, identity, settings, self.model, number)
+                if done is not None:
+                    self.stats.shards_skipped += 1
+                    number += len(done)
+                    yield from done
+                    continue
+            keys: list[str] = []
+            for row in webdataset.read_shard(shard, name, number):
+                number = row.number + 1
+                keys.append(row.custom_id.removeprefix(name + "/"))
+                yield row
+            if index is not None:
+                index.record(name, identity, settings, keys)
+
+    def _settings_digest(self) -> str:
+        """What a job of a shard depends on besides the shard's bytes."""
+        settings = [self.model, self.prompt, self.instruction, self.max_side, self.prompt_column]
+        return digest(orjson.dumps(settings))
 
     def _row_job(self, row: Row, where: str) -> Job | InvalidJob:
         """The job of one dataset row (or manifest line): its image and its prompt,
@@ -382,6 +422,65 @@ class CaptionSource:
             return Path(os.path.relpath(absolute, self.path_base)).as_posix()
         except ValueError:  # another drive (Windows)
             return str(absolute)
+
+
+class ShardIndex:
+    """`RESULTS.shards.jsonl`: per shard read to its end, its identity, the settings
+    its jobs were made with, and its keys (the jobs it had). Appended to; the last
+    line of a shard counts. Results are looked up in the results file as the
+    runner left it (`load_prior`, 8 bytes per job)."""
+
+    def __init__(self, results: Path) -> None:
+        self.path = results.with_name(results.name + ".shards.jsonl")
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._prior: PriorResults | None = None
+        self._results = results
+        if self.path.is_file():
+            with self.path.open("rb") as handle:
+                for line in handle:
+                    try:
+                        entry = orjson.loads(line)
+                        self.entries[entry["shard"]] = entry
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        continue  # a torn last line: that shard is read again
+
+    def done_jobs(
+        self, name: str, identity: list[int], settings: str, model: str, number: int
+    ) -> list[Job | InvalidJob] | None:
+        """Stand-ins the runner skips for every job of a done shard, else None."""
+        entry = self.entries.get(name)
+        if entry is None or entry.get("identity") != identity or entry.get("settings") != settings:
+            return None
+        if self._prior is None:
+            try:
+                self._prior = load_prior(self._results, repair=False)
+            except (OSError, ResultsFileError):
+                return None
+        jobs: list[Job | InvalidJob] = []
+        for offset, key in enumerate(entry.get("keys", [])):
+            custom_id = f"{name}/{key}"
+            prior = self._prior.get(custom_id)
+            if prior is None or prior.outcome not in ("succeeded", "invalid_job"):
+                return None
+            # The same shard and settings make the same request: the line's own
+            # fingerprint is this job's (see rerun.same_request).
+            fp = prior.fingerprint or ""
+            if prior.outcome == "succeeded":
+                jobs.append(Job(custom_id, number + offset, model, {}, fp))
+            else:
+                jobs.append(InvalidJob(custom_id, number + offset, "", fp))
+        return jobs
+
+    def record(self, name: str, identity: list[int], settings: str, keys: list[str]) -> None:
+        entry = {"shard": name, "identity": identity, "settings": settings, "keys": keys}
+        self.entries[name] = entry
+        with self.path.open("ab") as handle:
+            handle.write(orjson.dumps(entry) + b"\n")
+
+
+def _shard_identity(shard: Path) -> list[int]:
+    info = shard.stat()
+    return [info.st_size, info.st_mtime_ns]
 
 
 def caption_body(
@@ -636,6 +735,8 @@ def write_jobs(source: CaptionSource, path: Path) -> int:
 async def _run(
     args: argparse.Namespace, argv: list[str], source: CaptionSource, output: Path
 ) -> int:
+    if not args.restart and not args.retry_errored:
+        source.results_path = output
     async with cli._api_origin(args) as (base_url, key, time_scale):
         config = cli.run_config(
             args,

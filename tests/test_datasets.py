@@ -123,6 +123,12 @@ def test_webdataset_caption_resume_and_exports(tmp_path: Path) -> None:
         str(shards), "--prompt", "Describe this {label} photo.", "-o", str(out), expect=1
     )
     assert "5 of 5 jobs" in again.stderr
+    assert "2 shard(s) done earlier: not opened again" in again.stderr
+    os.utime(shards / "00001.tar", ns=(0, 0))  # a changed shard is read again
+    again = caption(
+        str(shards), "--prompt", "Describe this {label} photo.", "-o", str(out), expect=1
+    )
+    assert "1 shard(s) done earlier" in again.stderr
     assert results(out).keys() == lines.keys()
     assert {k: v["request_id"] for k, v in results(out).items() if "request_id" in v} == {
         k: v["request_id"] for k, v in lines.items() if "request_id" in v
