@@ -30,7 +30,6 @@ from batchrunner.images import (
     MAX_IMAGE_BYTES,
     SNIFF_BYTES,
     ImageError,
-    load_image_block_source,
     max_side_of,
     other_format,
     sniff_media_type,
@@ -633,9 +632,9 @@ def materialize_body(
     for source_holder in _image_blocks(sent):
         source = source_holder["source"]
         if source["type"] == "path":
-            source_holder["source"] = load_image_block_source(
-                source["path"], base_dir, max_side_of(source)
-            )
+            from batchrunner.prepare import prepare_source  # Pillow only once images are read
+
+            source_holder["source"] = prepare_source(source, base_dir)
         elif source["type"] == "url" and fetched is not None:
             source_holder["source"] = fetched[source["url"]]
     return sent

@@ -17,7 +17,8 @@ from batchrunner.fetch import UNREACHABLE
 from batchrunner.images import ImageError
 from batchrunner.journal import JournalRecord
 from batchrunner.policy import Action, classify_submit, wait_too_long_message
-from batchrunner.reader import Job, has_path_images, image_urls, materialize_body
+from batchrunner.prepare import materialize, needs_preparing
+from batchrunner.reader import Job
 from batchrunner.results import errored, result_line, succeeded
 from batchrunner.retrying import Answer, send_with_retries
 from batchrunner.stop import Reason
@@ -242,12 +243,10 @@ class Submitter:
         cost, as invalid_job, or as retries_exhausted when an image host could
         not be reached (a rerun tries again)."""
         job = item.job
-        urls = image_urls(job.body)
-        if not urls and not has_path_images(job.body):
+        if not needs_preparing(job.body):
             return job.body  # nothing to read: no thread hop
         try:
-            fetched = {url: await self.ctx.fetcher.fetch_source(url) for url in urls}
-            return await run_blocking(materialize_body, job.body, self.ctx.jobs_dir, fetched)
+            return await materialize(job.body, self.ctx.jobs_dir, self.ctx.fetcher)
         except Exception as exc:  # any failure to read this job's images ends this job only
             if not isinstance(exc, ImageError):
                 exc = ImageError(f"images could not be read: {type(exc).__name__}: {exc}")
