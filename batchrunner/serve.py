@@ -108,8 +108,9 @@ class Calls:
     """Open calls by identity: in flight, finished but not delivered, or
     journaled by an earlier serve. A new request adopts one nobody waits for."""
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, retention_margin_s: float) -> None:
         self.ctx = ctx
+        self.margin_s = retention_margin_s
         self._open: dict[str, list[Call]] = {}
         self._by_id: dict[str, Call] = {}
         self._journaled: dict[str, list[JournalRecord]] = {}
@@ -131,7 +132,9 @@ class Calls:
         records = self._journaled.get(request.identity, [])
         while records:
             record = records.pop()
-            if is_collectable(record.submitted_at, now, retention_s=self.ctx.retention_s):
+            if is_collectable(
+                record.submitted_at, now, retention_s=self.ctx.retention_s, margin_s=self.margin_s
+            ):
                 return self._new(request, record.custom_id, record), True
         custom_id = f"serve-{request.identity}-{secrets.token_hex(4)}"
         return self._new(request, custom_id, None), True
@@ -452,7 +455,7 @@ async def _serve_locked(config: RunConfig, options: ServeOptions) -> int:
                 clock=LoopClock(),
                 rng=random.Random(config.seed),
             )
-            calls = Calls(ctx)
+            calls = Calls(ctx, config.retention_margin_s)
             calls.load(journaled)
             poller: ServePoller
             submitter = ServeSubmitter(ctx, lambda tracked: poller.add(tracked), calls)
