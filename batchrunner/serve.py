@@ -529,8 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
         "a journal and an optional cache.",
     )
     add = parser.add_argument
-    add("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    add("--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)")
+    add("--host", default="127.0.0.1", help="address to listen on")
+    add("--port", type=int, default=8000, help="port; 0 picks a free one")
     add(
         "--token",
         help="the token clients must send as their API key (env BATCHRUNNER_SERVE_TOKEN; "
@@ -541,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=DEFAULT_JOURNAL,
         metavar="PATH",
-        help="journal of submitted requests, for crash safety (default: %(default)s); the "
-        "answered requests go beside it, PATH without .journal + .results.jsonl",
+        help="journal of submitted requests, for crash safety; the answered requests go "
+        "beside it, PATH without .journal + .results.jsonl",
     )
     add("--model", default="claude-3.5-sonnet", help="model for requests that name none")
     add(
@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_RETRY_AFTER_S,
         metavar="S",
         help="a longer Retry-After from Segmind is passed to the client as 429 with "
-        "Retry-After instead of held (default %(default)s)",
+        "Retry-After instead of held",
     )
     add(
         "--max-outage",

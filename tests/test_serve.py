@@ -243,3 +243,18 @@ def test_killed_mid_request_the_clients_retry_is_not_paid_again(tmp_path: Path) 
         stats = sim.stats()
     assert stats["submits_accepted"] == 1
     assert stats["requests"]["submit"] == 1
+
+
+def test_a_long_retry_after_is_passed_on_as_429(tmp_path: Path) -> None:
+    """Segmind asks to wait an hour: the client gets 429 with Retry-After at
+    once (not held for an hour), and so does the next one, without a request."""
+    args = ["--key", SIM_KEY, "--rpm", "1", "--polls-free", "--retry-after-429", "3600"]
+    with Simulator(args, tmp_path / "sim.log") as sim, Serve(tmp_path, sim.url) as serve:
+        client = serve.openai(max_retries=0)
+        assert "openai-item-1" in ask_openai(client, 1)
+        for n in (2, 3):
+            with pytest.raises(openai.RateLimitError) as refused:
+                ask_openai(client, n)
+            assert refused.value.response.headers["retry-after"] == "3600"
+        stats = sim.stats()
+    assert stats["requests"]["submit"] == 2  # the third was answered without asking
