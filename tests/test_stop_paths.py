@@ -13,7 +13,7 @@ its own subprocess over loopback; no mocks. The scenarios run concurrently
   write failure mid-run (item 12) and signals in the first half second (14).
 
 Times: the simulator runs 50x faster than model time (helpers_process
-TIME_SCALE), so `--submit-delay-s 100` is 2 s of wall time and a job's
+TIME_SCALE), so `--submit-delay-s 150` is 3 s of wall time and a job's
 latency about 0.22 s; the runner is told `--expected-latency 0.3` so it polls
 early instead of waiting the model page's 11.2 s.
 """
@@ -60,8 +60,8 @@ import batchrunner
 from batchrunner.results import result_line, succeeded
 
 FINISHED = (0, 1)
-SLOW_SUBMITS = ("--submit-delay-s", "100")
-"""Every submit answer comes 2 s of wall time late (100 model seconds x TIME_SCALE)."""
+SLOW_SUBMITS = ("--submit-delay-s", "150")
+"""Every submit answer comes 3 s of wall time late (150 model seconds x TIME_SCALE)."""
 FAST_START = ("--expected-latency", "0.3")
 IN_AIR = 8
 """Submits accepted by the simulator but not yet answered when a test stops the run."""
@@ -229,7 +229,7 @@ def test_double_sigint_with_slow_submits_journals_every_accepted_submit(
 def test_grace_end_with_slow_submits_journals_every_accepted_submit(
     request: pytest.FixtureRequest, scenarios: dict[str, Future[Any]]
 ) -> None:
-    """Item 1: the end of --grace (0.3 s here, submits take 2 s) stops collecting
+    """Item 1: the end of --grace (0.3 s here, submits take 3 s) stops collecting
     but not the submits in the air."""
     outcome: StopOutcome = outcome_of(request, scenarios)
     assert outcome.code == 130, outcome.stderr[-3000:]
@@ -265,7 +265,9 @@ def test_third_signal_abandons_submits_in_the_air_and_says_what_it_costs(
     assert abandoned, outcome.stderr[-3000:]
     count = int(abandoned.group(1))
     assert count >= 1
-    assert outcome.stop_s < 1.9, "it waited for the submit answers (2 s) instead"
+    # The submits in the air answer up to 3 s after the signal; a loaded machine
+    # takes most of a second to tear a process down.
+    assert outcome.stop_s < 2.7, "it waited for the submit answers (3 s) instead"
     # What it costs is exactly what it said: those submits, paid again by the resume.
     assert len(outcome.unaccounted) <= count
     assert outcome.resume_code in FINISHED, outcome.resume_stderr[-3000:]
@@ -432,10 +434,11 @@ class LockOutcome:
 @SCENARIOS
 def two_runs_on_one_output(directory: Path) -> LockOutcome:
     jobs = write_jobs(directory / "jobs.jsonl", 20)
-    # Jobs take 20 s of wall time, until the test moves the simulator's clock on:
-    # the first run is still running whatever the load, and then finishes normally.
+    # Jobs take 60 s of wall time, until the test moves the simulator's clock on:
+    # the first run is still running whatever the load (four processes start
+    # meanwhile), and then finishes normally.
     # (Retention 10 times the usual: the clock jump must not expire them.)
-    slow = ["--latency", "1000", "--latency-sigma", "0", "--retention", "36000"]
+    slow = ["--latency", "3000", "--latency-sigma", "0", "--retention", "36000"]
     with Simulator(["--seed", "24", *slow], directory / "sim.stderr") as sim:
         batch = Batch(directory / "jobs.jsonl", directory / "out.jsonl", sim.url)
         batch.extra = ["--expected-latency", "1"]
@@ -459,7 +462,7 @@ def two_runs_on_one_output(directory: Path) -> LockOutcome:
                 for command in ("status", "report", "export")
             }
             running_after_readers = first.running()
-            sim.advance(1000 * TIME_SCALE)  # every job is done now
+            sim.advance(3000 * TIME_SCALE)  # every job is done now
             assert first.process is not None
             pid = first.process.pid
             first_code = first.wait(timeout=120)
@@ -673,7 +676,7 @@ def write_failure(which: str, directory: Path) -> WriteFailureOutcome:
     - journal: the limit is 6,000 bytes, 18 journal records (~330 bytes each);
       no result line comes before the first poll, 3 s in (--expected-latency).
     - results: the file starts with EARLIER_LINES lines and may grow by 2,000
-      bytes (three or four lines); submits are slow (2 s), so several are in
+      bytes (three or four lines); submits are slow (3 s), so several are in
       the air when it fails, and the journal (60 records, ~20 KB) never does.
     """
     jobs = write_jobs(directory / "jobs.jsonl", 60)
