@@ -258,3 +258,23 @@ def test_a_long_retry_after_is_passed_on_as_429(tmp_path: Path) -> None:
             assert refused.value.response.headers["retry-after"] == "3600"
         stats = sim.stats()
     assert stats["requests"]["submit"] == 2  # the third was answered without asking
+
+
+def test_sigterm_finishes_what_is_in_flight_then_exits_130(tmp_path: Path) -> None:
+    """SIGTERM stops accepting; the request already at Segmind is still
+    answered within --grace; the exit code is 130."""
+    slow = ["--key", SIM_KEY, "--latency", "100", "--latency-sigma", "0"]  # 2 s of real time
+    with Simulator(slow, tmp_path / "sim.log") as sim, Serve(tmp_path, sim.url) as serve:
+        client = serve.anthropic(max_retries=0)
+        answers: list[str] = []
+        asking = threading.Thread(target=lambda: answers.append(ask_anthropic(client, 5)))
+        asking.start()
+        journal = tmp_path / "serve.journal"
+        deadline = time.monotonic() + 20
+        while not (journal.exists() and journal.read_bytes().count(b"\n")):
+            assert time.monotonic() < deadline, "the request was never journaled"
+            time.sleep(0.02)
+        assert serve.stop(signal.SIGTERM) == 130
+        asking.join(timeout=30)
+        assert answers and "anthropic-item-5" in answers[0]
+        assert sim.stats()["submits_accepted"] == 1
