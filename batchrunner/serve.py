@@ -125,8 +125,10 @@ class Calls:
     def take(self, request: dialects.ServedRequest) -> tuple[Call, bool]:
         """The call that answers `request`, and whether it must be queued."""
         self.received += 1
-        for call in self._open.get(request.identity, ()):
-            if call.clients == 0:
+        for call in list(self._open.get(request.identity, ())):
+            if call.refusal is not None:  # a refusal is no answer to keep: ask again
+                self.close(call)
+            elif call.clients == 0:
                 return call, False
         now = self.ctx.clock()
         records = self._journaled.get(request.identity, [])
