@@ -46,6 +46,7 @@ SUBCOMMANDS = {
     "report": "counts, errors, latency, tokens and cost of a results file",
     "export": "results as CSV, JSONL, Parquet, or Anthropic/OpenAI batch lines",
     "diff": "what changed between two results files (last night, tonight)",
+    "serve": "OpenAI/Anthropic-compatible local endpoint for eval tools",
 }
 """Other commands: `batchrunner NAME ...` runs `batchrunner.NAME.main(argv)`; the
 text is their line in --help."""

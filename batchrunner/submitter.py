@@ -16,7 +16,7 @@ from batchrunner.estimate import estimate_job_tokens, output_tokens_for
 from batchrunner.fetch import UNREACHABLE
 from batchrunner.images import ImageError
 from batchrunner.journal import JournalRecord
-from batchrunner.policy import Action, classify_submit, wait_too_long_message
+from batchrunner.policy import Action, Verdict, classify_submit, wait_too_long_message
 from batchrunner.prepare import materialize, needs_preparing
 from batchrunner.reader import Job
 from batchrunner.results import errored, result_line, succeeded
@@ -189,14 +189,8 @@ class Submitter:
         if verdict.action is Action.UNKNOWN_MODEL:
             self.models.unknown.add(job.model)
             self._unknown_model(item, attempts)
-        elif verdict.action is Action.FATAL:
-            ctx.stop.drain(Reason.ACCOUNT, verdict.message)
-        elif verdict.action is Action.WAIT_TOO_LONG:
-            assert verdict.retry_after_s is not None
-            ctx.stop.drain(
-                Reason.RETRY_AFTER,
-                wait_too_long_message(verdict.retry_after_s, ctx.clock(), ctx.max_retry_after_s),
-            )
+        elif verdict.action in (Action.FATAL, Action.WAIT_TOO_LONG):
+            self.account_refused(item, verdict)
         else:  # refused (4xx), or transient failures past the retry budget
             error = errored(
                 verdict.error_type or "invalid_request",
@@ -205,6 +199,20 @@ class Submitter:
             )
             self._finish(item, error, attempts=attempts)
         return False
+
+    def account_refused(self, item: Submission, verdict: Verdict) -> None:
+        """The API refused the account (FATAL), or asked to wait past
+        --max-retry-after: a run stops taking jobs; the job is left without a
+        line, for a resume. (`serve` answers the one request instead.)"""
+        ctx = self.ctx
+        if verdict.action is Action.FATAL:
+            ctx.stop.drain(Reason.ACCOUNT, verdict.message)
+        else:
+            assert verdict.retry_after_s is not None
+            ctx.stop.drain(
+                Reason.RETRY_AFTER,
+                wait_too_long_message(verdict.retry_after_s, ctx.clock(), ctx.max_retry_after_s),
+            )
 
     def _accepted(self, item: Submission, answer: Answer, attempts: int, key: str | None) -> None:
         ctx, job = self.ctx, item.job
