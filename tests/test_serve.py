@@ -5,13 +5,17 @@ hidden --time-scale)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +25,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.helpers_process import REPO, TIME_SCALE, Simulator, runner_env
+from tests.helpers_process import REPO, TIME_SCALE, Simulator, bodies_per_hash, runner_env
 
 TOKEN = "serve-test-token"
 SIM_KEY = "sim-key"
@@ -278,3 +282,108 @@ def test_sigterm_finishes_what_is_in_flight_then_exits_130(tmp_path: Path) -> No
         asking.join(timeout=30)
         assert answers and "anthropic-item-5" in answers[0]
         assert sim.stats()["submits_accepted"] == 1
+
+
+# The README's inspect_ai recipe, run as written (test_readme_has_the_tested_inspect_recipe
+# keeps them the same): the simulator echoes the prompt, so every answer includes
+# its own sample's target.
+INSPECT_TASK = """\
+from inspect_ai import Task, task
+from inspect_ai.dataset import Sample
+from inspect_ai.scorer import includes
+from inspect_ai.solver import generate, system_message
+
+
+@task
+def echo():
+    return Task(
+        dataset=[Sample(input=f"Say item-{i}", target=f"item-{i}") for i in range(5)],
+        solver=[system_message("Answer briefly."), generate()],
+        scorer=includes(),
+    )
+"""
+INSPECT_ENV = "export BATCHRUNNER_API_KEY=TOKEN BATCHRUNNER_BASE_URL=http://127.0.0.1:8000/v1"
+INSPECT_COMMAND = (
+    "inspect eval task.py --model openai-api/batchrunner/claude-3.5-sonnet --max-connections 16"
+)
+
+
+def test_readme_has_the_tested_inspect_recipe() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert f"```python\n{INSPECT_TASK}```" in readme
+    assert f"```sh\n{INSPECT_ENV}\n{INSPECT_COMMAND}\n```" in readme
+
+
+def post_status(url: str, headers: dict[str, str]) -> int:
+    """The HTTP status of a minimal chat completion sent with `headers` (no proxy)."""
+    body = json.dumps(
+        {"model": "claude-3.5-sonnet", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions",
+        data=body.encode(),
+        headers={"Content-Type": "application/json", **headers},
+        method="POST",
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("inspect_ai") is None,
+    reason="inspect_ai is not installed (the test extra brings it on Python 3.11+)",
+)
+def test_inspect_ai_eval_runs_end_to_end(sim: Simulator, tmp_path: Path) -> None:
+    """The README's inspect_ai recipe as a real `inspect eval` process against a
+    real serve: every sample answered and scored, each paid exactly once, and
+    the token (inspect's API key, from the environment) was what let it in."""
+    (tmp_path / "task.py").write_text(INSPECT_TASK)
+    env = {k: v for k, v in runner_env(None).items() if not k.startswith(("OPENAI_", "INSPECT_"))}
+    with Serve(tmp_path, sim.url) as serve:
+        env |= {
+            "BATCHRUNNER_API_KEY": TOKEN,
+            "BATCHRUNNER_BASE_URL": f"{serve.url}/v1",
+            "XDG_DATA_HOME": str(tmp_path / "xdg"),  # inspect's traces stay out of $HOME
+        }
+        # `inspect` is `python -m inspect_ai`; the log is written as JSON to read it here.
+        argv = [sys.executable, "-m", "inspect_ai", *shlex.split(INSPECT_COMMAND)[1:]]
+        argv += ["--log-format", "json", "--log-dir", "logs", "--display", "none"]
+        inspect = subprocess.run(
+            argv,
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert inspect.returncode == 0, inspect.stderr[-3000:]
+        # Without the token, or with another one, serve answers 401: inspect got in
+        # only because it sent BATCHRUNNER_API_KEY as its Bearer token.
+        assert post_status(serve.url, {}) == 401
+        assert post_status(serve.url, {"Authorization": "Bearer not-the-token"}) == 401
+        stats = sim.stats()
+        assert serve.stop() == 130
+    (log_file,) = (tmp_path / "logs").glob("*.json")
+    log = json.loads(log_file.read_text())
+    assert log["status"] == "success", log.get("error")
+    assert log["results"]["total_samples"] == log["results"]["completed_samples"] == 5
+    (score,) = log["results"]["scores"]
+    assert score["scored_samples"] == 5 and score["metrics"]["accuracy"]["value"] == 1.0
+    answers = {}
+    for sample in log["samples"]:
+        assert sample.get("error") is None and not sample.get("error_retries")
+        answers[sample["target"]] = sample["output"]["choices"][0]["message"]["content"]
+    assert sorted(answers) == [f"item-{i}" for i in range(5)]
+    for target, text in answers.items():
+        assert f"Say {target}" in text
+    # One Segmind submit per sample, each body once, none refused or repeated.
+    assert stats["submits_accepted"] == 5 and stats["requests"]["submit"] == 5
+    assert stats["duplicate_submits"] == 0
+    assert sorted(bodies_per_hash(stats).values()) == [1] * 5
+    results = (tmp_path / "serve.results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["result"]["type"] for line in results] == ["succeeded"] * 5
