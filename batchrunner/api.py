@@ -259,8 +259,14 @@ class SegmindClient:
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
     """The body, or None when it is over MAX_BODY_BYTES (read no further than that)."""
-    if (response.content_length or 0) > MAX_BODY_BYTES:
+    declared = response.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
         return None
+    if declared is not None and "Content-Encoding" not in response.headers:
+        # Not compressed, so aiohttp stops at the declared length: read it
+        # whole, without the chunk loop (an async generator per answer, in the
+        # profile of issue 12). A compressed body may inflate past the cap.
+        return await response.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(1 << 16):

@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from batchrunner.fetch import read_cap
 from batchrunner.images import ImageError, base64_source, max_side_of, resolve_image_path
 from batchrunner.threads import run_blocking
 
@@ -242,9 +243,6 @@ async def materialize(body: dict[str, Any], base_dir: Path, fetcher: Any) -> dic
     is left untouched. Raises ImageError naming the image."""
     import copy
 
-    from batchrunner.imagecheck import MAX_SOURCE_BYTES
-    from batchrunner.images import MAX_IMAGE_BYTES
-
     sent = copy.deepcopy(body)
     done: dict[str, dict[str, str]] = {}
     for block in image_blocks(sent):
@@ -252,8 +250,7 @@ async def materialize(body: dict[str, Any], base_dir: Path, fetcher: Any) -> dic
         if source["type"] == "url":
             url = source.get("url")
             if url not in done:
-                limit = MAX_IMAGE_BYTES if source.get("max_side") is None else MAX_SOURCE_BYTES
-                data = await fetcher.fetch_bytes(url, limit)
+                data = await fetcher.fetch_bytes(url, read_cap(source.get("max_side")))
                 done[url] = await prepare_one(source, base_dir, data)
             block["source"] = done[url]
         elif source["type"] == "path":
