@@ -85,12 +85,15 @@ class HttpSettings:
     """Deliberate connection limits and timeouts.
 
     connect: a healthy API answers a TCP/TLS handshake in well under 10 s.
-    read: submit and status answers are small; 60 s without a byte means a
-    stuck connection, which we drop and retry (the retry budget bounds it).
+    total: submit and status answers are small, and a 32 MB result reads in
+    seconds; a request not done in 120 s is on a stuck connection, which we
+    drop and retry (the retry budget bounds it). No separate read timeout:
+    aiohttp re-arms a timer on every chunk received for it, about a fifth of
+    the client's CPU per job at full speed (benchmarks/README.md, issue 12),
+    and it only caught a stuck connection sooner.
     """
 
     connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
     total_timeout_s: float = 120.0
     max_connections: int = 64
 
@@ -166,7 +169,6 @@ def make_session(settings: HttpSettings) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(
         total=settings.total_timeout_s,
         connect=settings.connect_timeout_s,
-        sock_read=settings.read_timeout_s,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -257,8 +259,14 @@ class SegmindClient:
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
     """The body, or None when it is over MAX_BODY_BYTES (read no further than that)."""
-    if (response.content_length or 0) > MAX_BODY_BYTES:
+    declared = response.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
         return None
+    if declared is not None and "Content-Encoding" not in response.headers:
+        # Not compressed, so aiohttp stops at the declared length: read it
+        # whole, without the chunk loop (an async generator per answer, in the
+        # profile of issue 12). A compressed body may inflate past the cap.
+        return await response.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_chunked(1 << 16):

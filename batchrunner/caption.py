@@ -31,13 +31,24 @@ import orjson
 
 from batchrunner import cli, interrupts
 from batchrunner.argtypes import positive_int
+from batchrunner.digests import DigestSet
 from batchrunner.display import print_summary
 from batchrunner.errors import ResultsFileError
 from batchrunner.estimate import add_dry_run_options, dry_run, print_report
 from batchrunner.imagecheck import not_accepted_error, other_format, sniff_file
 from batchrunner.images import ImageError
-from batchrunner.reader import MAX_CUSTOM_ID_CHARS, InvalidJob, Job, fingerprint
+from batchrunner.reader import MAX_CUSTOM_ID_CHARS, InvalidJob, Job, digest, fingerprint
+from batchrunner.resultsfile import PriorResults, load_prior
 from batchrunner.runner import ConfigError, run
+from batchrunner.sources import (
+    Row,
+    fill_template,
+    imagefolder,
+    is_url,
+    parquet,
+    template_fields,
+    webdataset,
+)
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SHOWN_SKIPPED = 5
@@ -54,6 +65,7 @@ class SourceStats:
     other_skipped: int = 0
     """Symbolic links to folders, sockets and the like."""
     unreadable: int = 0
+    shards_skipped: int = 0
     complete: bool = False
 
     def notes(self) -> list[str]:
@@ -71,6 +83,8 @@ class SourceStats:
             notes.append(f"skipped {self.other_skipped:,} link(s) to folders or special file(s)")
         if self.unreadable:
             notes.append(f"could not list {self.unreadable:,} folder(s)")
+        if self.shards_skipped:
+            notes.append(f"{self.shards_skipped:,} shard(s) done earlier: not opened again")
         return notes
 
 
@@ -88,28 +102,41 @@ class CaptionSource:
         path_column: str = "path",
         prompt_column: str = "prompt",
         path_base: Path | None = None,
+        image_column: str | None = None,
+        id_column: str | None = None,
         numbers: tuple[int, int] | None = None,
     ) -> None:
         self.source = source
         self.numbers = numbers
         """Only the items numbered first <= n < stop (walk order in a folder, line
         numbers in a manifest): one shard of the source (batchrunner.shards)."""
-        self.is_folder = source.is_dir()
+        self.kind = source_kind(source)
+        self.is_folder = self.kind == "folder"
+        self.image_column = image_column
+        self.id_column = id_column
         self.prompt = prompt
         self.instruction = instruction
         self.model = model
         self.max_side = max_side
         self.path_column = path_column
         self.prompt_column = prompt_column
-        root = source if self.is_folder else source.parent
+        root = source if source.is_dir() else source.parent
+        if self.kind == "webdataset":
+            self.shards = webdataset.shard_paths(str(source))
+            root = Path(os.path.commonpath([p.resolve().parent for p in self.shards]))
         self.root = root.resolve()
         self.path_base = (path_base or root).resolve()
         """Folder that the image paths in the jobs are relative to (the jobs_dir)."""
         self.stats = SourceStats()
+        self.results_path: Path | None = None
+        """The run's results file: WebDataset shards done in it are not opened again."""
 
     def __call__(self) -> Iterator[Job | InvalidJob]:
         self.stats = SourceStats()
-        items = self._folder() if self.is_folder else self._manifest()
+        items = {
+            "folder": self._folder,
+            "manifest": self._manifest,
+        }.get(self.kind, self._dataset)()
         for item in items:
             self.stats.jobs += 1
             yield item
@@ -120,6 +147,13 @@ class CaptionSource:
         if self.is_folder:
             if not self.prompt:
                 raise ConfigError("--prompt is required to caption a folder")
+            return
+        if self.kind in ("webdataset", "imagefolder"):
+            if not self.prompt:
+                raise ConfigError(f"--prompt is required to caption a {self.kind} source")
+            return
+        if self.kind == "parquet":
+            self._check_parquet()
             return
         if manifest_kind(self.source) == "csv":
             columns = csv_columns(self.source)
@@ -235,6 +269,9 @@ class CaptionSource:
                 fallback, number, f"line {number}: {self.path_column}: missing or empty"
             )
         value = value.strip()
+        if is_url(value):
+            image: dict[str, Any] = {"type": "url", "url": value}
+            return self._row_job(Row(value, number, image, row), f"line {number}")
         prompt = row.get(self.prompt_column)
         if not isinstance(prompt, str) or not prompt.strip():
             prompt = self.prompt
@@ -243,6 +280,14 @@ class CaptionSource:
                 _safe_id(value),
                 number,
                 f"line {number}: {self.prompt_column}: missing, and no --prompt was given",
+            )
+        try:
+            prompt = fill_template(prompt, row)
+        except KeyError as exc:
+            return InvalidJob.of_message(
+                _safe_id(value),
+                number,
+                f"line {number}: --prompt names {{{exc.args[0]}}}: no such column, or it is empty",
             )
         candidate = Path(value).expanduser()
         path = candidate if candidate.is_absolute() else self.root / candidate
@@ -255,6 +300,136 @@ class CaptionSource:
                 _safe_id(value), number, str(not_accepted_error(value, head))
             )
         return self._job(value, path, number, prompt)
+
+    # ------------------------------------------------------------------ datasets
+
+    def _check_parquet(self) -> None:
+        try:
+            pq = parquet.import_pyarrow()
+            self.parquet_files = parquet.parquet_files(self.source)
+            first = pq.ParquetFile(str(self.parquet_files[0]))
+            label = str(self.parquet_files[0])
+            self.parquet_image = parquet.find_image_column(first, self.image_column, label)
+            if self.id_column is not None:
+                parquet.check_columns(first, [self.id_column], label, "check --id-column")
+            if not self.prompt:
+                parquet.check_columns(
+                    first, [self.prompt_column], label, "give --prompt or --prompt-column"
+                )
+            elif self.prompt_column != "prompt":
+                parquet.check_columns(first, [self.prompt_column], label, "check --prompt-column")
+            if self.prompt:
+                parquet.check_columns(
+                    first, template_fields(self.prompt), label, "--prompt names it as {column}"
+                )
+        except (parquet.ParquetSourceError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        except Exception as exc:  # pyarrow's own errors: a file that is not Parquet
+            raise ConfigError(f"{self.source}: cannot read as Parquet ({exc})") from None
+
+    def dataset_rows(self) -> Iterator[Row]:
+        """The rows of a WebDataset, Parquet or imagefolder source, in order."""
+        if self.kind == "imagefolder":
+            yield from imagefolder.read_imagefolder(self.root)
+        elif self.kind == "webdataset":
+            number = 1
+            for shard, name in zip(self.shards, webdataset.shard_names(self.shards), strict=True):
+                for row in webdataset.read_shard(shard, name, number):
+                    number = row.number + 1
+                    yield row
+        elif self.kind == "parquet":
+            column, kind = self.parquet_image
+            fields = [self.prompt_column, *template_fields(self.prompt or "")]
+            files = self.parquet_files
+            number = 1
+            for path, name in zip(files, parquet.file_names(files, self.source), strict=True):
+                for row in parquet.read_file(
+                    path,
+                    name,
+                    image_column=column,
+                    kind=kind,
+                    id_column=self.id_column,
+                    field_columns=fields,
+                    start=number,
+                ):
+                    number = row.number + 1
+                    yield row
+
+    def _dataset(self) -> Iterator[Job | InvalidJob]:
+        seen = DigestSet()
+        rows = self._shard_rows() if self.kind == "webdataset" else self.dataset_rows()
+        for row in rows:
+            if not isinstance(row, Row):  # a job of a shard that is not opened again
+                yield row
+                continue
+            where = f"image {row.custom_id!r}"
+            item = self._row_job(row, where)
+            if item.custom_id in seen:
+                message = f"{where}: duplicate id (an earlier row has it)"
+                item = InvalidJob.of_message(
+                    f"{item.custom_id}#row-{row.number}", row.number, message
+                )
+            seen.add(item.custom_id)
+            yield item
+
+    def _shard_rows(self) -> Iterator[Row | Job | InvalidJob]:
+        """`dataset_rows` of WebDataset shards, but a shard whose every key has a
+        result that answers the same request (the same shard, unchanged, with the
+        same settings) is not opened: its jobs are named from the shard index
+        beside the results file, so that the runner skips them."""
+        index = ShardIndex(self.results_path) if self.results_path is not None else None
+        settings = self._settings_digest()
+        number = 1
+        for shard, name in zip(self.shards, webdataset.shard_names(self.shards), strict=True):
+            identity = _shard_identity(shard)
+            if index is not None:
+                done = index.done_jobs(name, identity, settings, self.model, number)
+                if done is not None:
+                    self.stats.shards_skipped += 1
+                    number += len(done)
+                    yield from done
+                    continue
+            keys: list[str] = []
+            for row in webdataset.read_shard(shard, name, number):
+                number = row.number + 1
+                keys.append(row.custom_id.removeprefix(name + "/"))
+                yield row
+            if index is not None:
+                index.record(name, identity, settings, keys)
+
+    def _settings_digest(self) -> str:
+        """What a job of a shard depends on besides the shard's bytes."""
+        settings = [self.model, self.prompt, self.instruction, self.max_side, self.prompt_column]
+        return digest(orjson.dumps(settings))
+
+    def _row_job(self, row: Row, where: str) -> Job | InvalidJob:
+        """The job of one dataset row (or manifest line): its image and its prompt,
+        from `--prompt-column` or the `--prompt` template filled from the row."""
+        custom_id = _safe_id(row.custom_id)
+        if row.error is not None or row.image is None:
+            return InvalidJob.of_message(custom_id, row.number, row.error or f"{where}: no image")
+        prompt = row.fields.get(self.prompt_column)
+        if not isinstance(prompt, str) or not prompt.strip():
+            prompt = self.prompt
+        if not prompt:
+            return InvalidJob.of_message(
+                custom_id, row.number, f"{where}: {self.prompt_column}: missing, and no --prompt"
+            )
+        try:
+            prompt = fill_template(prompt, row.fields)
+        except KeyError as exc:
+            return InvalidJob.of_message(
+                custom_id,
+                row.number,
+                f"{where}: --prompt names {{{exc.args[0]}}}: no such field, or it is empty",
+            )
+        source = dict(row.image)
+        if source["type"] == "path":
+            source["path"] = self._job_path(Path(source["path"]))
+        if self.max_side is not None:
+            source["max_side"] = self.max_side
+        body = caption_body_from(source, prompt, self.instruction)
+        return Job(custom_id, row.number, self.model, body, fingerprint(self.model, body))
 
     # ------------------------------------------------------------------ jobs
 
@@ -278,6 +453,65 @@ class CaptionSource:
             return str(absolute)
 
 
+class ShardIndex:
+    """`RESULTS.shards.jsonl`: per shard read to its end, its identity, the settings
+    its jobs were made with, and its keys (the jobs it had). Appended to; the last
+    line of a shard counts. Results are looked up in the results file as the
+    runner left it (`load_prior`, 8 bytes per job)."""
+
+    def __init__(self, results: Path) -> None:
+        self.path = results.with_name(results.name + ".shards.jsonl")
+        self.entries: dict[str, dict[str, Any]] = {}
+        self._prior: PriorResults | None = None
+        self._results = results
+        if self.path.is_file():
+            with self.path.open("rb") as handle:
+                for line in handle:
+                    try:
+                        entry = orjson.loads(line)
+                        self.entries[entry["shard"]] = entry
+                    except (orjson.JSONDecodeError, KeyError, TypeError):
+                        continue  # a torn last line: that shard is read again
+
+    def done_jobs(
+        self, name: str, identity: list[int], settings: str, model: str, number: int
+    ) -> list[Job | InvalidJob] | None:
+        """Stand-ins the runner skips for every job of a done shard, else None."""
+        entry = self.entries.get(name)
+        if entry is None or entry.get("identity") != identity or entry.get("settings") != settings:
+            return None
+        if self._prior is None:
+            try:
+                self._prior = load_prior(self._results, repair=False)
+            except (OSError, ResultsFileError):
+                return None
+        jobs: list[Job | InvalidJob] = []
+        for offset, key in enumerate(entry.get("keys", [])):
+            custom_id = f"{name}/{key}"
+            prior = self._prior.get(custom_id)
+            if prior is None or prior.outcome not in ("succeeded", "invalid_job"):
+                return None
+            # The same shard and settings make the same request: the line's own
+            # fingerprint is this job's (see rerun.same_request).
+            fp = prior.fingerprint or ""
+            if prior.outcome == "succeeded":
+                jobs.append(Job(custom_id, number + offset, model, {}, fp))
+            else:
+                jobs.append(InvalidJob(custom_id, number + offset, "", fp))
+        return jobs
+
+    def record(self, name: str, identity: list[int], settings: str, keys: list[str]) -> None:
+        entry = {"shard": name, "identity": identity, "settings": settings, "keys": keys}
+        self.entries[name] = entry
+        with self.path.open("ab") as handle:
+            handle.write(orjson.dumps(entry) + b"\n")
+
+
+def _shard_identity(shard: Path) -> list[int]:
+    info = shard.stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
 def caption_body(
     image_path: str, prompt: str, instruction: str | None, max_side: int | None
 ) -> dict[str, Any]:
@@ -285,6 +519,13 @@ def caption_body(
     source: dict[str, Any] = {"type": "path", "path": image_path}
     if max_side is not None:
         source["max_side"] = max_side
+    return caption_body_from(source, prompt, instruction)
+
+
+def caption_body_from(
+    source: dict[str, Any], prompt: str, instruction: str | None
+) -> dict[str, Any]:
+    """A Segmind native request body: the image (any image source) and the prompt."""
     body: dict[str, Any] = {
         "messages": [
             {
@@ -299,6 +540,23 @@ def caption_body(
     if instruction:
         body["instruction"] = instruction
     return body
+
+
+def source_kind(source: Path) -> str:
+    """folder, imagefolder, webdataset, parquet or manifest."""
+    if source.is_dir():
+        if imagefolder.metadata_file(source) is not None:
+            return "imagefolder"
+        if any(p.suffix == ".tar" for p in source.iterdir()):
+            return "webdataset"
+        if next(source.rglob("*.parquet"), None) is not None:
+            return "parquet"
+        return "folder"
+    if webdataset.is_shard_spec(str(source)):
+        return "webdataset"
+    if source.suffix.lower() == ".parquet":
+        return "parquet"
+    return "manifest"
 
 
 def manifest_kind(path: Path) -> str:
@@ -393,6 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="manifest column with a per-image prompt, else --prompt (%(default)s)",
     )
     parser.add_argument(
+        "--image-column",
+        help="Parquet column with the images: bytes, a {bytes, path} struct or a path/URL "
+        "(default: the first column holding images)",
+    )
+    parser.add_argument(
+        "--id-column", help="Parquet column with each image's id (default: FILE:ROW)"
+    )
+    parser.add_argument(
         "--max-image-side",
         type=positive_int,
         help="downsize images whose longer side is larger (default: send as they are)",
@@ -419,20 +685,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def make_source(args: argparse.Namespace, path_base: Path | None = None) -> CaptionSource:
     source_path: Path = args.jobs
-    if not source_path.exists():
+    is_pattern = webdataset.is_shard_spec(str(source_path)) and "{" in str(source_path)
+    if not is_pattern and not source_path.exists():
         raise ConfigError(f"{source_path} not found")
-    if not source_path.is_dir() and not source_path.is_file():
+    if not is_pattern and not source_path.is_dir() and not source_path.is_file():
         raise ConfigError(f"{source_path} is neither a folder nor a manifest file")
-    source = CaptionSource(
-        source_path,
-        prompt=args.prompt,
-        instruction=args.instruction,
-        model=args.model,
-        max_side=args.max_image_side,
-        path_column=args.path_column,
-        prompt_column=args.prompt_column,
-        path_base=path_base,
-    )
+    try:
+        source = CaptionSource(
+            source_path,
+            prompt=args.prompt,
+            instruction=args.instruction,
+            model=args.model,
+            max_side=args.max_image_side,
+            path_column=args.path_column,
+            prompt_column=args.prompt_column,
+            path_base=path_base,
+            image_column=args.image_column,
+            id_column=args.id_column,
+        )
+    except webdataset.ShardError as exc:
+        raise ConfigError(str(exc)) from None
     source.check()
     return source
 
@@ -493,6 +765,8 @@ def write_jobs(source: CaptionSource, path: Path) -> int:
 async def _run(
     args: argparse.Namespace, argv: list[str], source: CaptionSource, output: Path
 ) -> int:
+    if not args.restart and not args.retry_errored:
+        source.results_path = output
     async with cli._api_origin(args) as (base_url, key, time_scale):
         config = cli.run_config(
             args,
@@ -528,6 +802,16 @@ async def _run(
 
 def count_candidates(source: CaptionSource) -> int:
     """Files that may become jobs (for the progress display; not sniffed, so an upper bound)."""
+    if source.kind == "parquet":
+        pq = parquet.import_pyarrow()
+        return sum(pq.ParquetFile(str(p)).metadata.num_rows for p in source.parquet_files)
+    if source.kind == "webdataset":
+        return sum(1 for shard in source.shards for _ in webdataset.iter_samples(shard))
+    if source.kind == "imagefolder":
+        metadata = imagefolder.metadata_file(source.root)
+        assert metadata is not None
+        with metadata.open("rb") as handle:
+            return sum(1 for line in handle if line.strip()) - (metadata.suffix == ".csv")
     if not source.is_folder:
         with source.source.open("rb") as handle:
             lines = sum(1 for line in handle if line.strip())

@@ -42,11 +42,12 @@ DEFAULT_BASE_URL = "https://api.segmind.com"
 EXIT_USAGE = 2
 
 SUBCOMMANDS = {
-    "caption": "caption a folder of images or a manifest (with the run options)",
+    "caption": "caption images from a folder, manifest, WebDataset or Parquet",
     "status": "where a run stands, from its files alone (no API call)",
     "report": "counts, errors, latency, tokens and cost of a results file",
-    "export": "results as CSV, JSONL, Parquet, or Anthropic/OpenAI batch lines",
+    "export": "results as CSV, JSONL, Parquet, batch lines or dataset captions",
     "diff": "what changed between two results files (last night, tonight)",
+    "serve": "OpenAI/Anthropic-compatible local endpoint for eval tools",
 }
 """Other commands: `batchrunner NAME ...` runs `batchrunner.NAME.main(argv)`; the
 text is their line in --help."""

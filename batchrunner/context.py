@@ -118,8 +118,9 @@ class Spend:
     def release(self, custom_id: str) -> None:
         """The job stopped without a line: its reservation goes back."""
         self.reserved_usd -= self._reserved.pop(custom_id, 0.0)
-        self._finished.set()
-        self._finished = anyio.Event()
+        if self.cap_usd is not None:  # only then can anyone wait in reserve()
+            self._finished.set()
+            self._finished = anyio.Event()
 
     def finished(self, line: dict[str, Any]) -> None:
         result = line["result"]

@@ -400,11 +400,11 @@ async def run_cluster(job: ClusterRun, say: Any) -> ClusterOutcome:
     lock = OutputLock(output)
     lock.acquire()
     try:
-        connect(job.ray_address)
         if config.restart:
             _set_aside(parts_dir, output)
         shard_size = _stored_shard_size(parts_dir) or job.shard_size
         shards = job.source.plan_shards(shard_size)
+        connect(job.ray_address)
         merger = PartsMerger(output, parts_dir)
         plan = {"shard_size": shard_size, "input": job.source.identity(), "shards": len(shards)}
         merger.open(plan, fresh=config.restart or config.retry_errored)

@@ -32,9 +32,17 @@ from rich.table import Table
 from batchrunner.argtypes import non_negative_float, positive_int
 from batchrunner.budget import PollsCount
 from batchrunner.digests import DigestSet
-from batchrunner.imagecheck import MAX_IMAGE_SIDE, image_tokens, prepare_image, probe_image
+from batchrunner.imagecheck import (
+    MAX_IMAGE_SIDE,
+    image_tokens,
+    prepare_image,
+    prepare_image_bytes,
+    probe_image,
+    probe_image_bytes,
+)
 from batchrunner.images import MAX_IMAGE_BYTES, ImageError, max_side_of, resolve_image_path
 from batchrunner.models import IMAGE_TOKENS_AT_MOST, LIMITS
+from batchrunner.prepare import is_member, read_member, source_label
 from batchrunner.price import DEFAULT_PRICE_IN, DEFAULT_PRICE_OUT, PriceList
 from batchrunner.reader import InvalidJob, Job
 from batchrunner.schedule import MODEL_PAGE_LATENCY_S
@@ -412,12 +420,21 @@ def _path_image(source: dict[str, Any], jobs_dir: Path) -> tuple[int, int, int, 
     label = source["path"]
     path = resolve_image_path(label, jobs_dir)
     max_side = max_side_of(source)
-    info = probe_image(path, label)
+    data: bytes | None = None
+    if is_member(source):  # a tar member or a Parquet cell
+        label = source_label(source)
+        data = read_member(source, jobs_dir)
+        info = probe_image_bytes(data, label)
+    else:
+        info = probe_image(path, label)
     width, height = info.sent_size(max_side)
     size = info.estimated_sent_bytes(max_side)
     if size > MAX_IMAGE_BYTES or max(width, height) > MAX_IMAGE_SIDE:
         # Refused as it is, or maybe after resizing: find out for certain.
-        prepared = prepare_image(path, label, max_side)
+        if data is not None:
+            prepared = prepare_image_bytes(data, label, max_side)
+        else:
+            prepared = prepare_image(path, label, max_side)
         return prepared.width, prepared.height, len(prepared.data), prepared.resized
     return width, height, size, info.needs_resize(max_side)
 

@@ -66,6 +66,8 @@ COLUMNS = (
 MISSING = "missing"
 FLAT_FORMATS = ("csv", "parquet", "jsonl")
 BATCH_API_FORMATS = ("anthropic", "openai")
+DATASET_FORMATS = ("txt", "hf-metadata", "webdataset")
+"""Captions in a dataset's own shape (see `export_datasets`); parquet with --with-source too."""
 PARQUET_BATCH_ROWS = 8192
 
 ExportRow = dict[str, Any]
@@ -414,9 +416,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("results", type=Path, help="results file (JSONL)")
     parser.add_argument(
         "--format",
-        choices=(*FLAT_FORMATS, *BATCH_API_FORMATS),
+        choices=(*FLAT_FORMATS, *BATCH_API_FORMATS, *DATASET_FORMATS),
         default="csv",
-        help="anthropic: Message Batches results; openai: Batch output file lines",
+        help="anthropic: Message Batches results; openai: Batch output file lines; "
+        "txt (--to DIR), hf-metadata (-o metadata.jsonl), webdataset (--to DIR) and parquet "
+        "--with-source: captions for a captioned dataset",
+    )
+    parser.add_argument("--to", type=Path, metavar="DIR", help="folder for txt and webdataset")
+    parser.add_argument(
+        "--with-source",
+        metavar="SOURCE",
+        help="the captioned Parquet file or folder (parquet: its rows plus caption columns), "
+        "or shards (webdataset: their key order)",
+    )
+    parser.add_argument(
+        "--id-column", help="the --id-column the captions were made with (parquet --with-source)"
     )
     parser.add_argument(
         "--order",
@@ -446,6 +460,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if path is not None and not path.is_file():
             print(f"batchrunner export: error: {what} file {path} not found", file=sys.stderr)
             return EXIT_USAGE
+    if args.format in DATASET_FORMATS or args.with_source is not None:
+        return _dataset_export(parser, args)
     stats = ReadStats()
     rows: Iterable[ExportRow]
     order: InputOrder | None = None
@@ -480,6 +496,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output is not None:
         missing = f", {order.missing} missing" if order is not None and order.missing else ""
         print(f"batchrunner export: {count} row(s){missing} -> {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _dataset_export(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from batchrunner import export_datasets as ds
+
+    fmt = args.format
+    if fmt in ("txt", "webdataset") and args.to is None:
+        parser.error(f"--format {fmt} writes files into a folder: name it with --to DIR")
+    if fmt == "hf-metadata" and args.output is None:
+        parser.error("--format hf-metadata: name the file with -o metadata.jsonl")
+    if fmt not in ("parquet", "webdataset") and args.with_source is not None:
+        parser.error("--with-source is for --format parquet and --format webdataset")
+    if fmt == "parquet" and args.output is None:
+        parser.error("--format parquet --with-source: name the output with -o OUT")
+    try:
+        if fmt == "txt":
+            stats, target = ds.export_txt(args.results, args.to), args.to
+        elif fmt == "hf-metadata":
+            stats, target = ds.export_hf_metadata(args.results, args.output), args.output
+        elif fmt == "webdataset":
+            stats = ds.export_webdataset(args.results, args.to, args.with_source)
+            target = args.to
+        else:
+            source = Path(args.with_source)
+            if not source.exists():
+                raise ds.DatasetExportError(f"source {source} not found")
+            stats = ds.export_parquet(args.results, source, args.output, args.id_column)
+            target = args.output
+    except (ResultsReadError, ds.DatasetExportError) as exc:
+        print(f"batchrunner export: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"batchrunner export: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # pyarrow's errors: a source that is not Parquet
+        print(f"batchrunner export: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"batchrunner export: {stats.written:,} caption(s) -> {target}", file=sys.stderr)
+    for line in stats.lines():
+        print(f"batchrunner export: {line}", file=sys.stderr)
     return EXIT_OK
 
 

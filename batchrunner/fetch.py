@@ -6,9 +6,9 @@ What a fetch promises:
   the key, sends no cookies, and reads no proxy settings from the environment;
 - only http and https, for the URL and for every redirect it follows (at
   most `max_redirects`): a redirect to `file:` or any other scheme is refused;
-- a time limit per try (`timeout_s`) and a size limit (the 5 MB the model
-  takes; more only when the image is to be downsized, as for a file), read
-  streamed and capped, never whole before the check;
+- a time limit per try (`timeout_s`) and a size limit (`read_cap`: the 5 MB
+  the model takes; 20 MB when the image is to be downsized), read streamed
+  and capped, never whole before the check;
 - 5xx, 429, timeouts and dropped connections are tried again
   (`attempts` in all, exponential backoff with full jitter); other answers
   (404, 403, ...) are final;
@@ -33,12 +33,19 @@ import anyio
 from yarl import URL
 
 from batchrunner import __version__
-from batchrunner.images import MAX_IMAGE_BYTES, ImageError, base64_source
+from batchrunner.images import MAX_IMAGE_BYTES, ImageError
 from batchrunner.policy import compute_backoff
-from batchrunner.threads import run_blocking
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 UNREACHABLE = "unreachable"
+MAX_DOWNSIZED_URL_BYTES = 20 * 1024 * 1024
+"""A URL image to be downsized is read to at most this (a file may be larger: its
+size is known before it is read; an image host's answer is not)."""
+
+
+def read_cap(max_side: int | None) -> int:
+    """How much of a URL image to read: the model's own limit unless it is downsized."""
+    return MAX_IMAGE_BYTES if max_side is None else MAX_DOWNSIZED_URL_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,17 +93,6 @@ class ImageFetcher:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def fetch_source(self, url: str, max_side: int | None = None) -> dict[str, str]:
-        """The base64 `source` of the image at `url`, checked like a local file."""
-        # Imported here, like images.load_image_block_source: Pillow is only
-        # loaded once an image is actually sent.
-        from batchrunner.imagecheck import MAX_SOURCE_BYTES, prepare_image_bytes
-
-        limit = MAX_IMAGE_BYTES if max_side is None else MAX_SOURCE_BYTES
-        data = await self.fetch_bytes(url, limit)
-        prepared = await run_blocking(prepare_image_bytes, data, _label(url), max_side)
-        return base64_source(prepared.media_type, prepared.data)
 
     async def fetch_bytes(self, url: str, max_bytes: int) -> bytes:
         """The body at `url` (at most `max_bytes`), tried again on transient failures."""

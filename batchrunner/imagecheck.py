@@ -140,11 +140,12 @@ def not_accepted_error(label: str, head: bytes) -> ImageError:
     return ImageError(f"file {label!r} is not a JPEG, PNG, GIF or WebP image", kind="not_an_image")
 
 
-def probe_image(path: Path, label: str | None = None) -> ImageInfo:
-    """Check an image from its header plus the cheap integrity check of its format.
+def probe_image(path: Path, label: str | None = None, *, quick: bool = True) -> ImageInfo:
+    """Check an image from its header plus a structure check (`quick`, for a dry
+    run: see `_structure_ok`), or the integrity check of its format.
 
-    Does not decode the pixels (a JPEG is decoded at 1/8 scale). Raises
-    ImageError naming `label` (default: the path) and the reason.
+    Does not decode the pixels (a JPEG is decoded at 1/8 scale when not
+    `quick`). Raises ImageError naming `label` (default: the path) and the reason.
     """
     label = str(path) if label is None else label
     with _open_regular(path, label) as (handle, size):
@@ -156,7 +157,17 @@ def probe_image(path: Path, label: str | None = None) -> ImageInfo:
         if media_type is None:
             raise not_accepted_error(label, head)
         handle.seek(0)
-        return _probe(handle, media_type, size, label)
+        return _probe(handle, media_type, size, label, quick=quick)
+
+
+def probe_image_bytes(data: bytes, label: str, *, quick: bool = True) -> ImageInfo:
+    """`probe_image` for bytes already read (a tar member, a Parquet cell)."""
+    if len(data) > MAX_SOURCE_BYTES:
+        raise _too_large(label, len(data), MAX_SOURCE_BYTES)
+    media_type = sniff_media_type(data[:SNIFF_BYTES])
+    if media_type is None:
+        raise not_accepted_error(label, data[:SNIFF_BYTES])
+    return _probe(io.BytesIO(data), media_type, len(data), label, quick=quick)
 
 
 def prepare_image(
@@ -290,16 +301,20 @@ def _pillow(label: str) -> Iterator[None]:
         raise ImageError(f"image {label!r} is corrupt ({text})", kind="corrupt") from None
 
 
-def _probe(handle: BinaryIO, media_type: str, size: int, label: str) -> ImageInfo:
+def _probe(
+    handle: BinaryIO, media_type: str, size: int, label: str, *, quick: bool = False
+) -> ImageInfo:
     start = handle.tell()
     fmt = [_PIL_FORMATS[media_type]]
     with _pillow(label):
         if media_type == "image/webp":
             _check_riff_length(handle, size, label)
             handle.seek(start)
-        with Image.open(handle, formats=fmt) as image:
+        with Image.open(handle, formats=fmt) as image:  # reads the header only
             width, height = image.size
             orientation = _orientation(image)
+            if quick and _structure_ok(handle, start, media_type, size, label):
+                return ImageInfo(media_type, width, height, size, orientation)
             if media_type == "image/jpeg":
                 image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
                 image.load()
@@ -310,6 +325,39 @@ def _probe(handle: BinaryIO, media_type: str, size: int, label: str) -> ImageInf
             with Image.open(handle, formats=fmt) as image:
                 image.verify()  # must come straight after open
     return ImageInfo(media_type, width, height, size, orientation)
+
+
+def _structure_ok(handle: BinaryIO, start: int, media_type: str, size: int, label: str) -> bool:
+    """The dry run's check, from a few reads instead of a decode: a JPEG ends with
+    its EOI marker, a GIF with its trailer, a PNG's chunk lengths lead from the
+    signature to an IEND that ends the file (a WebP's RIFF length was checked).
+
+    True: the file is whole. False: it is not plainly whole (data after the
+    JPEG's EOI, say, as phones append): the caller runs the thorough check.
+    Raises ImageError for a PNG whose chunks run past the end of the file.
+    """
+    if media_type == "image/webp":
+        return True
+    if media_type == "image/png":
+        return _png_chunks_ok(handle, start, size, label)
+    handle.seek(start + max(0, size - 16))
+    tail = handle.read(16).rstrip(b"\x00\r\n ")
+    return tail.endswith(b"\xff\xd9" if media_type == "image/jpeg" else b"\x3b")
+
+
+def _png_chunks_ok(handle: BinaryIO, start: int, size: int, label: str) -> bool:
+    offset = 8  # the signature
+    while offset + 12 <= size:
+        handle.seek(start + offset)
+        header = handle.read(8)
+        length = int.from_bytes(header[:4], "big")
+        offset += 12 + length
+        if header[4:8] == b"IEND":
+            return offset <= size
+    raise ImageError(
+        f"image {label!r} is truncated (its chunks run past the file's {size:,} bytes)",
+        kind="truncated",
+    )
 
 
 def _check_riff_length(handle: BinaryIO, size: int, label: str) -> None:

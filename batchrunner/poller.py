@@ -74,7 +74,8 @@ class Poller:
         self._sleeping_until = -math.inf  # while the loop is not asleep, it sees every push
         self._active = 0
         self._intake_closed = False
-        self._slots = anyio.Semaphore(POLL_CONCURRENCY)
+        # fast_acquire: no checkpoint when a slot is free (one poll per job).
+        self._slots = anyio.Semaphore(POLL_CONCURRENCY, fast_acquire=True)
         self._tg: TaskGroup | None = None
 
     # --- feeding ----------------------------------------------------------
@@ -251,14 +252,8 @@ class Poller:
                     verdict.status,
                 ),
             )
-        elif action is Action.FATAL:
-            # The key stopped working mid-run: nothing more can be collected.
-            # Unfinished requests stay in the journal for a resume.
-            ctx.stop.stop_now(Reason.ACCOUNT, verdict.message)
-        elif action is Action.WAIT_TOO_LONG:
-            assert verdict.retry_after_s is not None
-            message = wait_too_long_message(verdict.retry_after_s, now, ctx.max_retry_after_s)
-            ctx.stop.stop_now(Reason.RETRY_AFTER, message)
+        elif action in (Action.FATAL, Action.WAIT_TOO_LONG):
+            self.account_refused(tracked, verdict)
         elif action is Action.ODD:
             tracked.odd += 1
             if tracked.odd >= MAX_ODD_ANSWERS:
@@ -287,6 +282,21 @@ class Poller:
                     verdict.status,
                 ),
             )
+
+    def account_refused(self, tracked: Tracked, verdict: Verdict) -> None:
+        """A poll found the account refused (the key stopped working mid-run), or
+        was asked to wait past --max-retry-after: nothing more can be collected;
+        a run stops, and unfinished requests stay in the journal for a resume.
+        (`serve` answers the one request instead.)"""
+        ctx = self.ctx
+        if verdict.action is Action.FATAL:
+            ctx.stop.stop_now(Reason.ACCOUNT, verdict.message)
+        else:
+            assert verdict.retry_after_s is not None
+            message = wait_too_long_message(
+                verdict.retry_after_s, ctx.clock(), ctx.max_retry_after_s
+            )
+            ctx.stop.stop_now(Reason.RETRY_AFTER, message)
 
     def _backoff(self, attempt: int) -> float:
         retry = self.ctx.retry

@@ -30,7 +30,6 @@ from batchrunner.images import (
     MAX_IMAGE_BYTES,
     SNIFF_BYTES,
     ImageError,
-    load_image_block_source,
     max_side_of,
     other_format,
     sniff_media_type,
@@ -344,43 +343,87 @@ def _from_openai(
     source = data["body"]
     if not isinstance(source, dict):
         raise JobError(f"body: must be an object, got {_kind(source)}")
+    chat = openai_chat_body(source, default_model, prefix="body.")
+    return chat.model, chat.body, chat.names
+
+
+@dataclass(frozen=True, slots=True)
+class ChatBody:
+    """A chat-completions request converted to a Segmind body (not yet validated)."""
+
+    model: Any
+    body: dict[str, Any]
+    names: FieldNames
+    local: dict[str, Any]
+    """The keys of `keep` the request gave, for the caller to apply (serve: stop, seed, stream)."""
+
+
+OPENAI_NEUTRAL = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
+"""OpenAI parameters that, at these values, change nothing: accepted and left out
+(eval tools send them explicitly)."""
+
+
+def _is_neutral(key: str, value: Any) -> bool:
+    if key not in OPENAI_NEUTRAL:
+        return False
+    neutral = OPENAI_NEUTRAL[key]
+    return value is None or (
+        value == neutral and isinstance(value, bool) == isinstance(neutral, bool)
+    )
+
+
+def openai_chat_body(
+    source: dict[str, Any],
+    default_model: str,
+    *,
+    prefix: str,
+    keep: frozenset[str] = frozenset(),
+) -> ChatBody:
+    """Convert an OpenAI chat-completions body (see `_from_openai` for what each
+    field becomes); `prefix` starts the field names of its errors, and the keys
+    of `keep` are handed back in `local` instead of converted or refused."""
     body: dict[str, Any] = {}
+    local: dict[str, Any] = {}
     renamed: dict[str, str] = {}
     for key, value in source.items():
         if key in ("model", "messages") or key in OPENAI_KEYS_DROPPED:
             continue
-        if key in ("max_tokens", "max_completion_tokens"):
+        if key in keep:
+            local[key] = value
+        elif key in ("max_tokens", "max_completion_tokens"):
             if "max_tokens" in body:
-                raise JobError(f"body.{key}: give max_tokens or max_completion_tokens, not both")
+                raise JobError(f"{prefix}{key}: give max_tokens or max_completion_tokens, not both")
             body["max_tokens"] = value
             renamed["max_tokens"] = key
         elif key in ("temperature", "stream"):
             body[key] = value  # checked with the body, as body.temperature, body.stream
         elif key == "n":
             if value != 1:
-                raise JobError(f"body.n: batchrunner asks for one answer per job, got {value!r}")
+                raise JobError(f"{prefix}n: batchrunner asks for one answer per job, got {value!r}")
+        elif _is_neutral(key, value):
+            continue
         elif key == "stop":
             raise JobError(
-                "body.stop: claude-3.5-sonnet on Segmind documents no stop sequences (its model "
-                "page lists messages and instruction only), so a stop could not keep its "
+                f"{prefix}stop: claude-3.5-sonnet on Segmind documents no stop sequences (its "
+                "model page lists messages and instruction only), so a stop could not keep its "
                 "meaning; remove it"
             )
         else:
             raise JobError(
-                f"body.{key}: not supported when running on Segmind's Claude (a chat body "
+                f"{prefix}{key}: not supported when running on Segmind's Claude (a chat body "
                 "may have model, messages, max_tokens or max_completion_tokens, temperature, n: "
                 "1, user, metadata, store); remove it"
             )
-    messages, instruction, index = _openai_messages(source.get("messages"))
+    messages, instruction, index = _openai_messages(source.get("messages"), prefix)
     if messages is not None:
         body["messages"] = messages
     if instruction:
         body["instruction"] = instruction
-    names = FieldNames(prefix="body.", renamed=renamed, message_index=index)
-    return source.get("model", default_model), body, names
+    names = FieldNames(prefix=prefix, renamed=renamed, message_index=index)
+    return ChatBody(source.get("model", default_model), body, names, local)
 
 
-def _openai_messages(messages: Any) -> tuple[list[Any] | None, str, list[int]]:
+def _openai_messages(messages: Any, prefix: str) -> tuple[list[Any] | None, str, list[int]]:
     """(messages, instruction from the system messages, each message's index in the line)."""
     if not isinstance(messages, list):
         return messages, "", []  # validate_body names what is wrong with it
@@ -388,7 +431,7 @@ def _openai_messages(messages: Any) -> tuple[list[Any] | None, str, list[int]]:
     system: list[str] = []
     index: list[int] = []
     for i, message in enumerate(messages):
-        where = f"body.messages[{i}]"
+        where = f"{prefix}messages[{i}]"
         if not isinstance(message, dict):
             raise JobError(f"{where}: must be an object, got {_kind(message)}")
         extra = sorted(set(message) - {"role", "content", "name"})
@@ -407,7 +450,8 @@ def _openai_messages(messages: Any) -> tuple[list[Any] | None, str, list[int]]:
             )
     if messages and not converted:
         raise JobError(
-            "body.messages: no user or assistant message (system messages become the instruction)"
+            f"{prefix}messages: no user or assistant message (system messages become the "
+            "instruction)"
         )
     return converted, "\n\n".join(system), index
 
@@ -635,9 +679,9 @@ def materialize_body(
     for source_holder in _image_blocks(sent):
         source = source_holder["source"]
         if source["type"] == "path":
-            source_holder["source"] = load_image_block_source(
-                source["path"], base_dir, max_side_of(source)
-            )
+            from batchrunner.prepare import prepare_source  # Pillow only once images are read
+
+            source_holder["source"] = prepare_source(source, base_dir)
         elif source["type"] == "url" and fetched is not None:
             source_holder["source"] = fetched[source["url"]]
     return sent

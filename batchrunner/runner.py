@@ -6,12 +6,14 @@ import math
 import random
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 from anyio.abc import ObjectSendStream
 from yarl import URL
@@ -270,64 +272,28 @@ async def _run_locked(
     _open(writer, prior, config.restart, clock())
     if config.restart:
         prior, journaled = PriorResults(), {}
-    budget: Budget
-    if config.shared is not None:
-        budget = config.shared.budget(config.rpm, config.polls_count, clock)
-    else:
-        budget = RateBudget(config.rpm, config.polls_count, clock, rng)
-    latency = LatencyModel(prior_s=config.latency_prior_s)
-    fixed_limit = config.max_in_flight
-    limit = fixed_limit or default_max_in_flight(
-        config.rpm, latency.quantile(0.9), budget.polls_count
-    )
     intake = _Intake()
     try:
         async with make_session(config.http) as session, ImageFetcher(rng=rng) as fetcher:
-            ctx = RunContext(
-                client=SegmindClient(session, config.base_url, config.api_key),
-                budget=budget,
-                breaker=CircuitBreaker(clock, rng),
-                stop=stop,
+            ctx = make_context(
+                config,
+                session,
+                fetcher,
                 writer=writer,
-                clock=clock,
+                stop=stop,
                 stats=stats,
                 spend=spend,
-                jobs_dir=config.image_dir(),
-                retry=config.retry,
-                latency=latency,
-                schedule=config.schedule,
-                in_flight=anyio.CapacityLimiter(limit),
+                clock=clock,
                 rng=rng,
-                fetcher=fetcher,
-                retention_s=config.retention_s,
-                max_retry_after_s=config.max_retry_after_s,
-                cache=ResponseCache(config.cache_dir, config.cache_max_age_s)
-                if config.cache_dir is not None
-                else None,
-                output_tokens_per_job=config.output_tokens_per_job,
             )
             poller: Poller
             submitter = Submitter(ctx, lambda tracked: poller.add(tracked))
             poller = Poller(ctx, submitter)
-            # The services (writer, clock, signals) run outside the COLLECT scope:
-            # a stop must not silence the signal watcher while submits are in
-            # the air (a third Ctrl-C abandons them).
-            async with anyio.create_task_group() as services:
-                services.start_soon(writer.run)
-                services.start_soon(
-                    _tick, ctx, config, poller, on_tick, notice, fixed_limit is None
-                )
-                if config.handle_signals:
-                    services.start_soon(
-                        _watch_signals, ctx, config.grace_s, poller, notice, signals_before_start
-                    )
+            async with run_services(
+                ctx, config, poller, on_tick, notice, signals_before_start=signals_before_start
+            ):
                 with stop.scope(Level.COLLECT):
                     await _pipeline(ctx, config, submitter, poller, prior, journaled, intake)
-                services.cancel_scope.cancel()
-            if config.handle_signals:
-                interrupts.record()  # the final flush and rewrite: a signal is not a kill
-            if on_tick is not None:
-                on_tick(ctx, poller)
     finally:
         await writer.aclose()
     moved = 0
@@ -352,6 +318,88 @@ async def _run_locked(
         moved_to_history=moved,
         submits_abandoned=stop.abandoned,
     )
+
+
+def make_context(
+    config: RunConfig,
+    session: aiohttp.ClientSession,
+    fetcher: ImageFetcher,
+    *,
+    writer: Writer,
+    stop: StopController,
+    stats: RunStats,
+    spend: CostLedger,
+    clock: LoopClock,
+    rng: random.Random,
+) -> RunContext:
+    """The shared parts of a run (or of `serve`): one budget, breaker, latency
+    model and in-flight limit for everything that goes through them."""
+    budget: Budget
+    if config.shared is not None:
+        budget = config.shared.budget(config.rpm, config.polls_count, clock)
+    else:
+        budget = RateBudget(config.rpm, config.polls_count, clock, rng)
+    latency = LatencyModel(prior_s=config.latency_prior_s)
+    limit = config.max_in_flight or default_max_in_flight(
+        config.rpm, latency.quantile(0.9), budget.polls_count
+    )
+    return RunContext(
+        client=SegmindClient(session, config.base_url, config.api_key),
+        budget=budget,
+        breaker=CircuitBreaker(clock, rng),
+        stop=stop,
+        writer=writer,
+        clock=clock,
+        stats=stats,
+        spend=spend,
+        jobs_dir=config.image_dir(),
+        retry=config.retry,
+        latency=latency,
+        schedule=config.schedule,
+        in_flight=anyio.CapacityLimiter(limit),
+        rng=rng,
+        fetcher=fetcher,
+        retention_s=config.retention_s,
+        max_retry_after_s=config.max_retry_after_s,
+        cache=ResponseCache(config.cache_dir, config.cache_max_age_s)
+        if config.cache_dir is not None
+        else None,
+        output_tokens_per_job=config.output_tokens_per_job,
+    )
+
+
+@asynccontextmanager
+async def run_services(
+    ctx: RunContext,
+    config: RunConfig,
+    poller: Poller,
+    on_tick: Progress | None,
+    notice: StopNotice,
+    *,
+    signals_before_start: Callable[[], int] | None = None,
+) -> AsyncIterator[None]:
+    """The services around a pipeline, for the block's duration: the writer,
+    the twice-a-second tick (grace, outage, in-flight limit, progress) and,
+    with `config.handle_signals`, the signal watcher.
+
+    They run outside the block's COLLECT scope: a stop must not silence the
+    signal watcher while submits are in the air (a third Ctrl-C abandons them).
+    """
+    async with anyio.create_task_group() as services:
+        services.start_soon(ctx.writer.run)
+        services.start_soon(
+            _tick, ctx, config, poller, on_tick, notice, config.max_in_flight is None
+        )
+        if config.handle_signals:
+            services.start_soon(
+                _watch_signals, ctx, config.grace_s, poller, notice, signals_before_start
+            )
+        yield
+        services.cancel_scope.cancel()
+    if config.handle_signals:
+        interrupts.record()  # the final flush and rewrite: a signal is not a kill
+    if on_tick is not None:
+        on_tick(ctx, poller)
 
 
 @dataclass(slots=True)
@@ -456,13 +504,16 @@ async def _read(
             borrower = object()
             # Waiting here is the backpressure: memory is bounded by the
             # jobs in flight, not by the size of the file.
-            await ctx.in_flight.acquire_on_behalf_of(borrower)
+            try:  # a free slot needs no trip through the event loop
+                ctx.in_flight.acquire_on_behalf_of_nowait(borrower)
+            except anyio.WouldBlock:
+                await ctx.in_flight.acquire_on_behalf_of(borrower)
             if isinstance(item, InvalidJob):
                 _write_invalid(ctx, item)
                 ctx.in_flight.release_on_behalf_of(borrower)
             elif decision.do is Do.REPOLL:
                 assert decision.record is not None
-                poller.add(_tracked_from_journal(item, decision.record, borrower), resumed=True)
+                poller.add(tracked_from_journal(item, decision.record, borrower), resumed=True)
             else:
                 attempt = record.attempt + 1 if record is not None else 1
                 try:
@@ -540,7 +591,8 @@ def _write_invalid(ctx: RunContext, item: InvalidJob) -> None:
     )
 
 
-def _tracked_from_journal(job: Job, record: JournalRecord, borrower: object) -> Tracked:
+def tracked_from_journal(job: Job, record: JournalRecord, borrower: object) -> Tracked:
+    """A journaled request to poll again instead of paying for it again."""
     return Tracked(
         job=job,
         request_id=record.request_id,

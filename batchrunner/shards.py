@@ -128,6 +128,11 @@ class CaptionShards:
     source: CaptionSource
 
     def plan_shards(self, shard_size: int) -> list[Shard]:
+        if self.source.kind not in ("folder", "manifest"):
+            raise ConfigError(
+                f"--engine ray cuts folders and manifests into shards; a {self.source.kind} "
+                "source runs with the local engine for now"
+            )
         count = self.source.count_numbers()
         return [
             Shard(

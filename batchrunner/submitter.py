@@ -16,8 +16,9 @@ from batchrunner.estimate import estimate_job_tokens, output_tokens_for
 from batchrunner.fetch import UNREACHABLE
 from batchrunner.images import ImageError
 from batchrunner.journal import JournalRecord
-from batchrunner.policy import Action, classify_submit, wait_too_long_message
-from batchrunner.reader import Job, has_path_images, image_urls, materialize_body
+from batchrunner.policy import Action, Verdict, classify_submit, wait_too_long_message
+from batchrunner.prepare import materialize, needs_preparing
+from batchrunner.reader import Job
 from batchrunner.results import errored, result_line, succeeded
 from batchrunner.retrying import Answer, send_with_retries
 from batchrunner.stop import Reason
@@ -188,14 +189,8 @@ class Submitter:
         if verdict.action is Action.UNKNOWN_MODEL:
             self.models.unknown.add(job.model)
             self._unknown_model(item, attempts)
-        elif verdict.action is Action.FATAL:
-            ctx.stop.drain(Reason.ACCOUNT, verdict.message)
-        elif verdict.action is Action.WAIT_TOO_LONG:
-            assert verdict.retry_after_s is not None
-            ctx.stop.drain(
-                Reason.RETRY_AFTER,
-                wait_too_long_message(verdict.retry_after_s, ctx.clock(), ctx.max_retry_after_s),
-            )
+        elif verdict.action in (Action.FATAL, Action.WAIT_TOO_LONG):
+            self.account_refused(item, verdict)
         else:  # refused (4xx), or transient failures past the retry budget
             error = errored(
                 verdict.error_type or "invalid_request",
@@ -204,6 +199,20 @@ class Submitter:
             )
             self._finish(item, error, attempts=attempts)
         return False
+
+    def account_refused(self, item: Submission, verdict: Verdict) -> None:
+        """The API refused the account (FATAL), or asked to wait past
+        --max-retry-after: a run stops taking jobs; the job is left without a
+        line, for a resume. (`serve` answers the one request instead.)"""
+        ctx = self.ctx
+        if verdict.action is Action.FATAL:
+            ctx.stop.drain(Reason.ACCOUNT, verdict.message)
+        else:
+            assert verdict.retry_after_s is not None
+            ctx.stop.drain(
+                Reason.RETRY_AFTER,
+                wait_too_long_message(verdict.retry_after_s, ctx.clock(), ctx.max_retry_after_s),
+            )
 
     def _accepted(self, item: Submission, answer: Answer, attempts: int, key: str | None) -> None:
         ctx, job = self.ctx, item.job
@@ -242,12 +251,10 @@ class Submitter:
         cost, as invalid_job, or as retries_exhausted when an image host could
         not be reached (a rerun tries again)."""
         job = item.job
-        urls = image_urls(job.body)
-        if not urls and not has_path_images(job.body):
+        if not needs_preparing(job.body):
             return job.body  # nothing to read: no thread hop
         try:
-            fetched = {url: await self.ctx.fetcher.fetch_source(url) for url in urls}
-            return await run_blocking(materialize_body, job.body, self.ctx.jobs_dir, fetched)
+            return await materialize(job.body, self.ctx.jobs_dir, self.ctx.fetcher)
         except Exception as exc:  # any failure to read this job's images ends this job only
             if not isinstance(exc, ImageError):
                 exc = ImageError(f"images could not be read: {type(exc).__name__}: {exc}")

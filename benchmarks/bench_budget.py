@@ -64,6 +64,8 @@ from _common import write_text_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENTS = Path(__file__).resolve().parent / "budget_clients.py"
+BATCHRUNNER_EXTRA: list[str] = []
+"""Arguments added to every batchrunner run (--max-in-flight N: the in-flight experiments)."""
 LATENCY_S = 11.2
 SIGMA = 0.35
 
@@ -142,6 +144,7 @@ def run_client(
                 "--base-url", sim.url, "--jobs", str(jobs), "--out", str(Path(tmp) / "out.jsonl"),
                 "--scale", str(scale), "--rpm", str(rpm), "--polls-count", polls_count,
                 "--concurrency", str(concurrency), "--seed", str(seed), *(extra or []),
+                *(BATCHRUNNER_EXTRA if client == "batchrunner" else []),
             ]  # fmt: skip
             started = time.monotonic()
             child = subprocess.Popen(
@@ -778,7 +781,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=[1, 2, 3, 4, 5],
         help="run only these scenarios",
     )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, help="batchrunner's (default: its own)"
+    )
     args = parser.parse_args(argv)
+    if args.max_in_flight is not None:
+        BATCHRUNNER_EXTRA[:] = ["--max-in-flight", str(args.max_in_flight)]
     seeds = args.seeds or ([7] if args.quick else [7, 8, 9])
     sizes = (
         {1: 60, 2: 100, 3: 60, 4: 1000, 5: 60}

@@ -18,6 +18,8 @@ from aiohttp import web
 from PIL import Image
 from test_pipeline import KEY, run_jobs
 
+from batchrunner.fetch import ImageFetcher, read_cap
+from batchrunner.images import ImageError
 from batchrunner.simulator import SimConfig, run_simulator
 
 pytestmark = pytest.mark.anyio
@@ -204,3 +206,27 @@ async def test_images_by_url_are_fetched_checked_and_never_see_the_key(tmp_path:
     assert by_id["gone"][0] == "invalid_job"  # kept: the line did not change
     assert Counter(kind for kind, _ in by_id.values())["succeeded"] == 7
     assert again.exit_code == 1
+
+
+async def test_a_url_image_to_be_downsized_is_read_to_at_most_20_mb() -> None:
+    """Issue 14: the read cap is the model's 5 MB, or 20 MB when the image is
+    downsized anyway; past it the read stops (no Content-Length here)."""
+
+    def streams(megabytes: int) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            await response.prepare(request)
+            for _ in range(megabytes):
+                await response.write(bytes(1 << 20))
+            return response
+
+        return handler
+
+    async with image_host() as host, ImageFetcher() as fetcher:
+        host.routes["/six"] = streams(6)
+        host.routes["/many"] = streams(40)
+        assert len(await fetcher.fetch_bytes(host.url + "/six", read_cap(1024))) == 6 << 20
+        with pytest.raises(ImageError, match="over the 5 MB limit"):
+            await fetcher.fetch_bytes(host.url + "/six", read_cap(None))
+        with pytest.raises(ImageError, match="over the 20 MB limit"):
+            await fetcher.fetch_bytes(host.url + "/many", read_cap(1024))
