@@ -105,11 +105,15 @@ class CaptionSource:
         image_column: str | None = None,
         id_column: str | None = None,
         numbers: tuple[int, int] | None = None,
+        files: frozenset[str] | None = None,
     ) -> None:
         self.source = source
         self.numbers = numbers
         """Only the items numbered first <= n < stop (walk order in a folder, line
         numbers in a manifest): one shard of the source (batchrunner.shards)."""
+        self.files = files
+        """Only the rows of these tar or Parquet files (their paths, as str): one
+        shard of a WebDataset or Parquet source (batchrunner.shards)."""
         self.kind = source_kind(source)
         self.is_folder = self.kind == "folder"
         self.image_column = image_column
@@ -334,6 +338,8 @@ class CaptionSource:
         elif self.kind == "webdataset":
             number = 1
             for shard, name in zip(self.shards, webdataset.shard_names(self.shards), strict=True):
+                if not self.wanted(shard):
+                    continue
                 for row in webdataset.read_shard(shard, name, number):
                     number = row.number + 1
                     yield row
@@ -343,6 +349,8 @@ class CaptionSource:
             files = self.parquet_files
             number = 1
             for path, name in zip(files, parquet.file_names(files, self.source), strict=True):
+                if not self.wanted(path):
+                    continue
                 for row in parquet.read_file(
                     path,
                     name,
@@ -381,6 +389,8 @@ class CaptionSource:
         settings = self._settings_digest()
         number = 1
         for shard, name in zip(self.shards, webdataset.shard_names(self.shards), strict=True):
+            if not self.wanted(shard):
+                continue  # another Ray shard's file
             identity = _shard_identity(shard)
             if index is not None:
                 done = index.done_jobs(name, identity, settings, self.model, number)
@@ -396,6 +406,19 @@ class CaptionSource:
                 yield row
             if index is not None:
                 index.record(name, identity, settings, keys)
+
+    def wanted(self, path: Path) -> bool:
+        """Whether a tar or Parquet file is this source's to read (see `files`)."""
+        return self.files is None or str(path) in self.files
+
+    def dataset_files(self) -> list[tuple[Path, str]]:
+        """(path, name in ids) of each tar or Parquet file of a dataset source."""
+        if self.kind == "webdataset":
+            return list(zip(self.shards, webdataset.shard_names(self.shards), strict=True))
+        if self.kind == "parquet":
+            files = self.parquet_files
+            return list(zip(files, parquet.file_names(files, self.source), strict=True))
+        return []
 
     def _settings_digest(self) -> str:
         """What a job of a shard depends on besides the shard's bytes."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +129,19 @@ class CaptionShards:
     source: CaptionSource
 
     def plan_shards(self, shard_size: int) -> list[Shard]:
-        if self.source.kind not in ("folder", "manifest"):
+        """Ranges of `shard_size` items of a folder or manifest; one shard per
+        file of a WebDataset or Parquet source (`shard_size` does not apply)."""
+        kind = self.source.kind
+        if kind in ("webdataset", "parquet"):
+            prefix = "tar" if kind == "webdataset" else "parquet"
+            return [
+                Shard(f"{prefix}-{n:06d}-{_file_safe(name)}", file=str(path))
+                for n, (path, name) in enumerate(self.source.dataset_files())
+            ]
+        if kind not in ("folder", "manifest"):
             raise ConfigError(
-                f"--engine ray cuts folders and manifests into shards; a {self.source.kind} "
-                "source runs with the local engine for now"
+                f"--engine ray cuts folders, manifests, WebDataset and Parquet sources into "
+                f"shards; a {kind} source runs with the local engine for now"
             )
         count = self.source.count_numbers()
         return [
@@ -145,15 +155,29 @@ class CaptionShards:
 
     def shard_jobs(self, shard: Shard) -> JobSource:
         part = copy.copy(self.source)
-        part.numbers = (shard.first, shard.stop)
+        if shard.file is not None:
+            part.files = frozenset({shard.file})
+            # The shard index beside the results file is the local engine's;
+            # a shard's own part tells which of its jobs are done.
+            part.results_path = None
+        else:
+            part.numbers = (shard.first, shard.stop)
         return part
 
     def identity(self) -> Any:
-        """A manifest's size and time; a folder's count of files (a walk, no reads)."""
+        """A manifest's size and time; a folder's count of files (a walk, no
+        reads); each tar or Parquet file's size and time."""
         source = self.source.source
+        files = self.source.dataset_files()
+        if files:
+            return [[name, *input_identity(path)] for path, name in files]
         if source.is_file():
             return input_identity(source)
         return [str(source.resolve()), self.source.count_numbers()]
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
 
 
 # --------------------------------------------------------------------------- parts

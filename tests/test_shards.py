@@ -138,3 +138,32 @@ def test_ray_options_need_the_ray_engine(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip() == "batchrunner: error: --workers needs --engine ray"
     assert not (tmp_path / "jobs.results.jsonl").exists()
+
+
+def test_webdataset_and_parquet_shards_are_their_files(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_datasets import image_bytes, make_shards
+
+    make_shards(tmp_path / "tars")
+    source = CaptionSource(tmp_path / "tars", prompt="what is it? {label}")
+    source.check()
+    sharded = CaptionShards(source)
+    shards = sharded.plan_shards(1000)
+    assert [s.name for s in shards] == ["tar-000000-00000.tar", "tar-000001-00001.tar"]
+    ids = [item.custom_id for shard in shards for item in sharded.shard_jobs(shard)()]
+    assert ids == [item.custom_id for item in source()]
+    assert len(ids) == 5 and all("/" in custom_id for custom_id in ids)
+
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for n in range(3):
+        table = pa.table({"image": [image_bytes("PNG", (8 + n, 8 + k)) for k in range(2)]})
+        pq.write_table(table, folder / f"part-{n}.parquet")
+    source = CaptionSource(folder, prompt="what?")
+    source.check()
+    sharded = CaptionShards(source)
+    shards = sharded.plan_shards(1)
+    assert len(shards) == 3 and all(s.file and s.file.endswith(".parquet") for s in shards)
+    ids = [item.custom_id for shard in shards for item in sharded.shard_jobs(shard)()]
+    assert ids == [item.custom_id for item in source()] and len(ids) == 6
