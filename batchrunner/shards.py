@@ -21,14 +21,16 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from batchrunner.caption import CaptionSource
 from batchrunner.errors import ConfigError
 from batchrunner.reader import InvalidJob, Job, parse_job_lines, unchanged_lines
-from batchrunner.runner import JobSource
+
+if TYPE_CHECKING:  # `status` reads parts through this module: it stays light
+    from batchrunner.caption import CaptionSource
+    from batchrunner.runner import JobSource
 
 DEFAULT_SHARD_SIZE = 1000
 """Jobs per shard: small enough that a lost worker redoes little (its journal
@@ -275,6 +277,20 @@ class PartsMerger:
             log.write(orjson.dumps(record) + b"\n")
             log.flush()
             os.fsync(log.fileno())
+
+
+def unmerged_parts(results_path: Path) -> list[Path]:
+    """The results parts of shards not merged into `results_path` yet (a Ray run
+    stopped, or still running): what `status` counts beside the results file."""
+    parts_dir = parts_dir_for(results_path)
+    if not (parts_dir / PLAN_FILE).is_file():
+        return []
+    merged = {record["done"] for record in _records(parts_dir / MERGED_FILE) if "done" in record}
+    return sorted(
+        path
+        for path in parts_dir.glob("*.jsonl")
+        if path.name != MERGED_FILE and path.name.removesuffix(".jsonl") not in merged
+    )
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:

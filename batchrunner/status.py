@@ -21,11 +21,12 @@ from rich.table import Table
 
 from batchrunner.argtypes import Parser
 from batchrunner.errors import ResultsFileError
-from batchrunner.journal import journal_path_for, load_journal
+from batchrunner.journal import JournalRecord, journal_path_for, load_journal
 from batchrunner.policy import RETENTION_MARGIN_S, RETENTION_S, time_left
 from batchrunner.reader import read_jobs
 from batchrunner.rerun import still_in_flight
-from batchrunner.resultsfile import load_prior
+from batchrunner.resultsfile import iter_lines, load_prior
+from batchrunner.shards import parts_dir_for, unmerged_parts
 
 
 @dataclass(slots=True)
@@ -53,11 +54,21 @@ def compute_status(results: Path, jobs: Path | None, now: float, model: str) -> 
     """Read-only: the same readers and the same rules as a resume, nothing repaired."""
     status = RunStatus(jobs_file=jobs)
     prior = load_prior(results, repair=False)
-    records = load_journal(
-        journal_path_for(results),
-        lambda record: still_in_flight(prior.get(record.custom_id), record),
-        repair=False,
-    )
+    # A Ray run (--engine ray): the shards not merged yet have their lines and
+    # journals in RESULTS.parts/.
+    parts = unmerged_parts(results)
+    for part in parts:
+        for line in iter_lines(part):
+            prior.add(line)
+    records: dict[str, JournalRecord] = {}
+    for journal in [journal_path_for(results), *map(journal_path_for, parts)]:
+        records.update(
+            load_journal(
+                journal,
+                lambda record: still_in_flight(prior.get(record.custom_id), record),
+                repair=False,
+            )
+        )
     for custom_id, record in records.items():
         left = time_left(record.submitted_at, now, RETENTION_S) - RETENTION_MARGIN_S
         if left > 0:
@@ -88,14 +99,18 @@ def guess_jobs_file(results: Path) -> Path | None:
 def main(argv: Sequence[str]) -> int:
     parser = Parser(
         prog="batchrunner status",
-        description="Where a run stands, from its results file and journal alone (no API call).",
+        description="Where a run stands, from its results file and journal alone (no API call; "
+        "with --engine ray, also the parts of shards not merged yet).",
     )
     parser.add_argument("results", type=Path, help="the results file of a run")
     parser.add_argument("--jobs", type=Path, help="the jobs file (default: guessed from the name)")
     parser.add_argument("--model", default="claude-3.5-sonnet", help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    if not args.results.exists() and not journal_path_for(args.results).exists():
+    if not any(
+        path.exists()
+        for path in (args.results, journal_path_for(args.results), parts_dir_for(args.results))
+    ):
         print(
             f"batchrunner status: error: no results or journal at {args.results}", file=sys.stderr
         )

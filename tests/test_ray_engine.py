@@ -9,6 +9,7 @@ scenarios run one after the other (the rate one must not share the cores).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -125,6 +126,11 @@ def kills(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
             wait_until(lambda: _merged(parts) >= 5, first, 60, "5 shards merged")
             first.kill()  # the driver: Ray ends its job, its tasks and its actor
             merged_before = _merged(parts)
+            status = subprocess.run(
+                [sys.executable, "-m", "batchrunner", "status", str(results), "--json"],
+                cwd=REPO, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            merged_lines = len(complete_lines(results))
             second = _start(argv, folder, "run2")
             code = second.wait(120)
         finally:
@@ -136,6 +142,8 @@ def kills(ray_address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         "parts": parts,
         "victim": victim,
         "merged_before": merged_before,
+        "status": json.loads(status.stdout),
+        "merged_lines": merged_lines,
         "runs": (first, second),
         "code": code,
         "stats": stats,
@@ -199,6 +207,11 @@ def test_killed_driver_rerun_of_the_same_command_resumes(kills: dict[str, Any]) 
     done_before = int(re.search(r"shard\(s\) of up to 10 jobs, (\d+) done before", second)[1])
     assert done_before >= 5 and done_before == kills["merged_before"]
     assert "results: " in second and "15 of 15 shards merged" in second
+    # Meanwhile `status` counted the parts not merged yet (their lines and journals)
+    # beside the merged lines: three shards were running when the driver died.
+    status = kills["status"]
+    assert kills["merged_lines"] == 10 * done_before
+    assert status["done_total"] + status["in_flight"] > kills["merged_lines"], status
 
 
 # --------------------------------------------------------------------------- caption, Ctrl-C
