@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -392,7 +393,7 @@ def connect(address: str | None) -> None:
     )
 
 
-async def run_cluster(job: ClusterRun, say: Any) -> ClusterOutcome:
+async def run_cluster(job: ClusterRun, say: Callable[[str], None]) -> ClusterOutcome:
     """Run every shard not merged yet; merge each as it finishes."""
     config = job.config
     output = config.output_path
@@ -435,7 +436,7 @@ def _stored_shard_size(parts_dir: Path) -> int | None:
 
 
 async def _drive(
-    job: ClusterRun, shards: list[Shard], merger: PartsMerger, say: Any
+    job: ClusterRun, shards: list[Shard], merger: PartsMerger, say: Callable[[str], None]
 ) -> ClusterOutcome:
     config = job.config
     name = actor_name(config.output_path)
