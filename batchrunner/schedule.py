@@ -77,6 +77,12 @@ class PollSchedule:
     growth: float = 1.5
     max_step_s: float = 30.0
     max_step_fraction: float = 3.0  # re-polls at most this fraction of the median apart
+    age_fraction: float = 0.05
+    """...or this fraction of the request's age, if that is more (still at most
+    max_step_s): a request long past the usual latency is not polled every
+    second for the rest of the hour (EAGER_SCHEDULE's cap alone is 0.1 of the
+    median, about a second), while the typical ones are still noticed at once
+    (at age 2 medians this is 0.1 of the median)."""
     jitter: float = 0.1
     deadline_margin_s: float = 60.0
     probe_every: int = 10
@@ -112,7 +118,11 @@ def next_poll_at(
         when = submitted_at + model.quantile(min(quantile, schedule.first_quantile))
     else:
         exponent = min(polls_done - 1, 64)  # the cap wins long before; avoid overflow
-        cap = min(schedule.max_step_s, schedule.max_step_fraction * median)
+        age = max(0.0, now - submitted_at)
+        cap = min(
+            schedule.max_step_s,
+            max(schedule.max_step_fraction * median, schedule.age_fraction * age),
+        )
         step = min(cap, first_step * schedule.growth**exponent)
         step *= 1.0 + rng.uniform(-schedule.jitter, schedule.jitter)
         when = now + step

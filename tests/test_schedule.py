@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
-from batchrunner.schedule import MODEL_PAGE_LATENCY_S, LatencyModel, PollSchedule, next_poll_at
+from batchrunner.schedule import (
+    EAGER_SCHEDULE,
+    MODEL_PAGE_LATENCY_S,
+    LatencyModel,
+    PollSchedule,
+    next_poll_at,
+)
 
 T0 = 1_795_608_000.0  # submission time used throughout
 DEADLINE = T0 + 3600.0
@@ -192,6 +199,16 @@ def test_steps_widen_up_to_the_cap(polls_done: int, step: float) -> None:
     model = warm_model([100.0] * 8)
     now = T0 + 120.0
     assert poll_at(model, polls_done, now=now) == pytest.approx(now + step)
+
+
+def test_a_request_long_past_the_median_is_polled_by_its_age() -> None:
+    """EAGER's cap is 0.1 of the median (1 s here); at an age of 20 medians the
+    step is 0.05 of the age (10 s), and never over max_step_s."""
+    model = warm_model([10.0] * 8)
+    eager = replace(EAGER_SCHEDULE, jitter=0.0)
+    assert poll_at(model, 30, now=T0 + 15.0, schedule=eager) == pytest.approx(T0 + 16.0)
+    assert poll_at(model, 30, now=T0 + 200.0, schedule=eager) == pytest.approx(T0 + 210.0)
+    assert poll_at(model, 30, now=T0 + 3000.0, schedule=eager) == pytest.approx(T0 + 3030.0)
 
 
 def test_steps_follow_custom_schedule() -> None:
