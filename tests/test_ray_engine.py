@@ -346,3 +346,18 @@ def test_the_engine_module_alone_imports_ray() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_restart_sets_the_parts_and_results_aside_and_deletes_nothing(tmp_path: Path) -> None:
+    from batchrunner.engine_ray import _set_aside
+
+    results = tmp_path / "out.jsonl"
+    parts = parts_dir_for(results)
+    parts.mkdir()
+    (parts / "lines-000000001-000000010.jsonl").write_text('{"custom_id": "a"}\n')
+    results.write_text('{"custom_id": "a"}\n')
+    _set_aside(parts, results)
+    (aside,) = tmp_path.glob("out.parts.before-*")
+    assert not parts.exists() and not results.exists()
+    assert (aside / "out.jsonl").read_text() == '{"custom_id": "a"}\n'
+    assert (aside / "lines-000000001-000000010.jsonl").read_text() == '{"custom_id": "a"}\n'
