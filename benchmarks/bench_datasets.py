@@ -31,6 +31,7 @@ import asyncio
 import base64
 import io
 import os
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -69,6 +70,9 @@ def per_image(func, paths: list[Path], rounds: int = 3) -> float:  # type: ignor
             func(path)
         best = min(best, (time.perf_counter() - start) / len(paths))
     return best
+
+
+PREPARE_ROUNDS = 5
 
 
 def full_decode(path: Path) -> None:
@@ -125,19 +129,27 @@ def dry_run_and_prepare(count: int) -> None:
             f"the full decode (target >= 50x), {draft / quick:.0f}x than the draft"
         )
         cores = prepare.cores()
-        loop_s = per_image(pillow_loop, paths, rounds=2)
+        # Rounds of at least 48 images (each file several times: the same work),
+        # loop and pool alternating, so both see the same neighbours' load; the
+        # median of the per-round ratios, and their range.
+        batch = paths * max(1, -(-48 // len(paths)))
         prepare.prepare_pool()  # started before timing: a run starts it once
         asyncio.run(pooled(paths[:cores], 1024))
-        best = float("inf")
-        for _ in range(2):
+        ratios, loop_rates, pool_rates = [], [], []
+        for _ in range(PREPARE_ROUNDS):
+            loop_s = per_image(pillow_loop, batch, rounds=1)
             start = time.perf_counter()
-            asyncio.run(pooled(paths, 1024))
-            best = min(best, (time.perf_counter() - start) / len(paths))
-        ratio = (1 / best) / (cores / loop_s)
+            asyncio.run(pooled(batch, 1024))
+            pool_s = (time.perf_counter() - start) / len(batch)
+            loop_rates.append(1 / loop_s)
+            pool_rates.append(1 / pool_s)
+            ratios.append((1 / pool_s) / (cores / loop_s))
         print(
-            f"preparation (--max-image-side 1024): Pillow loop {1 / loop_s:.1f} images/s on one "
-            f"core, batchrunner's pool {1 / best:.1f} images/s on {cores} cores = "
-            f"{ratio:.2f} x cores x the loop (target >= 0.8)"
+            f"preparation (--max-image-side 1024), {PREPARE_ROUNDS} alternating rounds of "
+            f"{len(batch)} images: Pillow loop {statistics.median(loop_rates):.1f} images/s on "
+            f"one core, batchrunner's pool {statistics.median(pool_rates):.1f} images/s on "
+            f"{cores} cores = {statistics.median(ratios):.2f} x cores x the loop (median; "
+            f"rounds {min(ratios):.2f} to {max(ratios):.2f}; target >= 0.8)"
         )
         prepare.shutdown_pool()
 
