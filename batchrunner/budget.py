@@ -163,6 +163,39 @@ RATE_WINDOW_S = 60.0
 """The window a requests-per-minute limit is counted over."""
 
 
+class FreePollsEvidence:
+    """Whether `auto` has seen that polls are free: for sizing the work in flight.
+
+    Until a poll draws a 429, `auto` sends polls as free; but sizing the work in
+    flight as if they were free puts about three times as many jobs in the air
+    as a budget that counts polls can serve, and when the first poll 429 says
+    they count, those jobs wait their turn for poll tokens (detection p95 of
+    five mean latencies, bench_budget.py scenario 1). So the run sizes as if
+    polls count until this says otherwise: more requests in one rate window
+    than the rpm allows, by a tenth, with no 429 on a poll, which a server that
+    counted polls would have refused. Pure: `now` and the running total of
+    requests sent are passed in.
+    """
+
+    __slots__ = ("_proven", "_rpm", "_samples")
+
+    def __init__(self, rpm: float) -> None:
+        self._rpm = rpm
+        self._samples: deque[tuple[float, int]] = deque()  # (time, requests sent so far)
+        self._proven = False
+
+    def proven(self, now: float, sent_total: int) -> bool:
+        if not self._proven:
+            self._samples.append((now, sent_total))
+            while len(self._samples) > 1 and self._samples[1][0] <= now - RATE_WINDOW_S:
+                self._samples.popleft()
+            in_window = sent_total - self._samples[0][1]
+            self._proven = in_window > 1.1 * self._rpm * RATE_WINDOW_S / 60.0
+            if self._proven:
+                self._samples.clear()
+        return self._proven
+
+
 class SentWindow:
     """Requests sent in the last RATE_WINDOW_S, counted in 60 buckets (constant memory).
 

@@ -21,7 +21,7 @@ from yarl import URL
 from batchrunner import interrupts
 from batchrunner.api import ApiKey, HttpSettings, SegmindClient, make_session
 from batchrunner.breaker import CircuitBreaker
-from batchrunner.budget import Budget, PollsCount, RateBudget
+from batchrunner.budget import Budget, FreePollsEvidence, PollsCount, RateBudget
 from batchrunner.cache import ResponseCache
 from batchrunner.context import CostLedger, LoopClock, RunContext, RunStats, SharedLimits, Spend
 from batchrunner.display import rerun_lines
@@ -340,8 +340,10 @@ def make_context(
     else:
         budget = RateBudget(config.rpm, config.polls_count, clock, rng)
     latency = LatencyModel(prior_s=config.latency_prior_s)
+    # `auto` sizes as if polls count until it has seen that they do not
+    # (FreePollsEvidence): cheap when they are free, and no pile-up when they count.
     limit = config.max_in_flight or default_max_in_flight(
-        config.rpm, latency.quantile(0.9), budget.polls_count
+        config.rpm, latency.quantile(0.9), config.polls_count is not PollsCount.NO
     )
     return RunContext(
         client=SegmindClient(session, config.base_url, config.api_key),
@@ -616,6 +618,7 @@ async def _tick(
     """Twice a second: the stops that come from time (grace, outage, the caller),
     the in-flight limit re-derived from learned latency, the progress display."""
     outage = _OutageNotices(notice)
+    free_polls = FreePollsEvidence(ctx.budget.rpm)
     while True:
         await anyio.sleep(0.5)
         now = ctx.clock()
@@ -636,9 +639,12 @@ async def _tick(
                 f"--max-outage {config.max_outage_s:g} s) and nothing is left to collect; "
                 "run the same command again to resume",
             )
+        polls_count = ctx.budget.polls_count
+        if not polls_count and config.polls_count is PollsCount.AUTO:
+            polls_count = not free_polls.proven(now, ctx.stats.requests.total())
         if adapt and ctx.latency.count >= 8:
             ctx.in_flight.total_tokens = default_max_in_flight(
-                ctx.budget.effective_rpm, ctx.latency.quantile(0.9), ctx.budget.polls_count
+                ctx.budget.effective_rpm, ctx.latency.quantile(0.9), polls_count
             )
         if on_tick is not None:
             on_tick(ctx, poller)

@@ -15,6 +15,7 @@ from batchrunner.budget import (
     SUBMIT,
     URGENT_POLL,
     AimdPolicy,
+    FreePollsEvidence,
     PollsCount,
     PriorityGate,
     RateBudget,
@@ -649,3 +650,21 @@ def test_default_max_in_flight_is_littles_law(
     from batchrunner.runner import default_max_in_flight
 
     assert default_max_in_flight(rpm, p90, polls_count) == expected
+
+
+def test_free_polls_are_proven_by_more_requests_in_a_window_than_the_rpm_allows() -> None:
+    """`auto` sizes its work in flight as if polls count until one window (60 s)
+    held more than 1.1 x rpm requests: a server that counted them would have
+    refused some (and a 429 on a poll would have taught `auto` that they count)."""
+    evidence = FreePollsEvidence(rpm=50)
+    sent = 0
+    for second in range(120):  # 50 a minute, exactly the budget: proves nothing
+        assert not evidence.proven(float(second), sent)
+        sent += 1 if second % 6 < 5 else 0
+    assert not evidence.proven(120.0, sent)
+    for second in range(121, 200):  # then 3 a second: the window holds 50 + 3 x n
+        sent += 3
+        if evidence.proven(float(second), sent):
+            break
+    assert 122 <= second <= 124, second  # over 55 (1.1 x 50) after two or three seconds
+    assert evidence.proven(1000.0, sent)  # proven once, proven for good
