@@ -676,7 +676,7 @@ def test_dry_run_lists_the_models(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 
 async def test_slow_submit_answers_under_the_timeout_are_waited_for(tmp_path: Path) -> None:
-    """Every submit answer comes 30 s late (under the 60 s read timeout): each job
+    """Every submit answer comes 30 s late (under the 120 s request timeout): each job
     is submitted once and succeeds; the first submit of the model goes alone
     (it asks whether the model exists), so the run takes two delays, not one."""
     ids = write_jobs(tmp_path / "jobs.jsonl", 10)
