@@ -40,7 +40,13 @@ from batchrunner.imagecheck import (
     probe_image,
     probe_image_bytes,
 )
-from batchrunner.images import MAX_IMAGE_BYTES, ImageError, max_side_of, resolve_image_path
+from batchrunner.images import (
+    MAX_IMAGE_BYTES,
+    ImageError,
+    image_blocks,
+    max_side_of,
+    resolve_image_path,
+)
 from batchrunner.models import IMAGE_TOKENS_AT_MOST, LIMITS
 from batchrunner.prepare import is_member, read_member, source_label
 from batchrunner.price import DEFAULT_PRICE_IN, DEFAULT_PRICE_OUT, PriceList
@@ -157,7 +163,7 @@ def estimate_job_tokens(job: Job, jobs_dir: Path) -> tuple[int, int]:
 def estimate_job(job: Job, jobs_dir: Path) -> JobEstimate:
     tokens = math.ceil(body_text_chars(job.body) / CHARS_PER_TOKEN)
     image_bytes = images = resized = url_images = 0
-    for source in _image_sources(job.body):
+    for source in (block["source"] for block in image_blocks(job.body)):
         images += 1
         if source.get("type") == "url":
             # Not fetched: an estimate makes no request, to the API or elsewhere.
@@ -402,17 +408,6 @@ def add_dry_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- internals
-
-
-def _image_sources(body: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    for message in body.get("messages", ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for block in content:
-                if isinstance(block, dict) and block.get("type") == "image":
-                    source = block.get("source")
-                    if isinstance(source, dict):
-                        yield source
 
 
 def _path_image(source: dict[str, Any], jobs_dir: Path) -> tuple[int, int, int, bool]:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 """Anthropic's limit per image, after decoding."""
@@ -109,3 +111,15 @@ def max_side_of(source: dict[str, object]) -> int | None:
             kind="invalid_source",
         )
     return value
+
+
+def image_blocks(body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """The body's image blocks whose source is an object with a type."""
+    for message in body.get("messages", ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for block in content:
+                if isinstance(block, dict) and block.get("type") == "image":
+                    source = block.get("source")
+                    if isinstance(source, dict) and "type" in source:
+                        yield block

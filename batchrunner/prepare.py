@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from batchrunner.fetch import read_cap
-from batchrunner.images import ImageError, base64_source, max_side_of, resolve_image_path
+from batchrunner.images import (
+    ImageError,
+    base64_source,
+    image_blocks,
+    max_side_of,
+    resolve_image_path,
+)
 from batchrunner.threads import run_blocking
 
 _pool: ProcessPoolExecutor | None = None
@@ -206,20 +212,6 @@ def prepare_source(
 def _url_label(source: Mapping[str, Any]) -> str:
     url = str(source.get("url", ""))
     return url if len(url) <= 120 else url[:117] + "..."
-
-
-def image_blocks(body: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The body's image blocks whose source is an object with a type."""
-    blocks = []
-    for message in body.get("messages", ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for block in content:
-                if isinstance(block, dict) and block.get("type") == "image":
-                    source = block.get("source")
-                    if isinstance(source, dict) and "type" in source:
-                        blocks.append(block)
-    return blocks
 
 
 def needs_preparing(body: Mapping[str, Any]) -> bool:

@@ -30,6 +30,7 @@ from batchrunner.images import (
     MAX_IMAGE_BYTES,
     SNIFF_BYTES,
     ImageError,
+    image_blocks,
     max_side_of,
     other_format,
     sniff_media_type,
@@ -676,7 +677,7 @@ def materialize_body(
     if not has_path_images(body) and not fetched:
         return body
     sent = copy.deepcopy(body)
-    for source_holder in _image_blocks(sent):
+    for source_holder in image_blocks(sent):
         source = source_holder["source"]
         if source["type"] == "path":
             from batchrunner.prepare import prepare_source  # Pillow only once images are read
@@ -688,29 +689,7 @@ def materialize_body(
 
 
 def has_path_images(body: dict[str, Any]) -> bool:
-    return any(block["source"]["type"] == "path" for block in _image_blocks(body))
-
-
-def image_urls(body: dict[str, Any]) -> list[str]:
-    """The URLs of the body's images given by URL, each once, in order."""
-    urls = (
-        block["source"].get("url")
-        for block in _image_blocks(body)
-        if block["source"]["type"] == "url"
-    )
-    return list(dict.fromkeys(url for url in urls if isinstance(url, str)))
-
-
-def _image_blocks(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Image blocks of a (valid) body whose source is an object with a type."""
-    for message in body.get("messages", ()):
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            for block in content:
-                if isinstance(block, dict) and block.get("type") == "image":
-                    source = block.get("source")
-                    if isinstance(source, dict) and "type" in source:
-                        yield block
+    return any(block["source"]["type"] == "path" for block in image_blocks(body))
 
 
 def _kind(value: Any) -> str:
