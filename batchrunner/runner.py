@@ -181,28 +181,51 @@ class RunOutcome:
         return self.stop is not None and self.stop.reason is Reason.COST_CAP
 
 
-def default_max_in_flight(rpm: float, latency_p90_s: float, polls_count: bool) -> int:
+def default_max_in_flight(rpm: float, latency_p90_s: float, polls_count: bool) -> float:
     """Little's law: in flight = throughput x time in the system, with headroom.
+
+    A fraction: `InFlightDither` turns it into whole limits that average it.
+    At 50 rpm with polls counting one job more in flight is 3.6 s more
+    detection delay for every job, and whole numbers were too coarse: 7 gave
+    0.96 of R/3 and detection p95 1.4 mean latencies, 8 gave 0.986 and 1.97
+    (bench_budget.py scenario 1, `auto`, seed 9).
 
     Throughput is rpm/3 jobs per minute when polls count (submit, status,
     result), rpm when they do not. When polls count the budget is the
     bottleneck, and submits take a token before a poll that is not urgent:
     every job in flight beyond throughput x latency only waits, finished, for
     a poll token (detection delay = in flight / throughput - latency, and no
-    more goodput). So no headroom on the p90 there: the first poll goes out
-    near the p85, and the +2 covers the submit and fetch. bench_budget.py,
-    polls counting at 50 rpm: headroom 1.5 gave detection p50 1.8 mean
-    latencies, 1.0 gave 1.2 at the same goodput (0.97 of R/3); 0.8 began to
-    cost goodput. When polls are free, latency is the bottleneck and a
-    generous headroom keeps the submit budget busy through latency spikes.
-    Capped so that every in-flight request can still be fetched inside the
-    retention hour at the request budget.
+    more goodput); too few leave tokens unused. So a small headroom on the
+    p90 there, 1.3 (plus 2 for the submit and the fetch): `auto`, seeds 8 and
+    9, headroom 1.2 gave 0.969 and 0.970 of R/3 (p95 1.80, 1.56), 1.35 gave
+    0.985 and 0.980 (p95 1.94, 1.63). When polls are free, latency is the
+    bottleneck and a generous headroom keeps the submit budget busy through
+    latency spikes. Capped so that every in-flight request can still be
+    fetched inside the retention hour at the request budget.
     """
     jobs_per_s = rpm / 60.0 / (3.0 if polls_count else 1.0)
-    headroom = 1.0 if polls_count else 2.0
-    wanted = math.ceil(headroom * jobs_per_s * latency_p90_s) + 2
+    headroom = 1.3 if polls_count else 2.0
+    wanted = headroom * jobs_per_s * latency_p90_s + 2
     retention_cap = max(4, int(rpm * 60 / 2))
-    return max(4, min(wanted, retention_cap, 10_000))
+    return max(4.0, min(wanted, retention_cap, 10_000))
+
+
+class InFlightDither:
+    """Whole in-flight limits whose running average is a fractional target
+    (error diffusion): 7.5 is 7, 8, 7, 8, ..."""
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = 0.0
+
+    def next(self, target: float) -> int:
+        whole = math.floor(target)
+        self._carry += target - whole
+        if self._carry >= 1.0:
+            self._carry -= 1.0
+            return whole + 1
+        return whole
 
 
 Progress = Callable[[RunContext, Poller], None]
@@ -342,8 +365,10 @@ def make_context(
     latency = LatencyModel(prior_s=config.latency_prior_s)
     # `auto` sizes as if polls count until it has seen that they do not
     # (FreePollsEvidence): cheap when they are free, and no pile-up when they count.
-    limit = config.max_in_flight or default_max_in_flight(
-        config.rpm, latency.quantile(0.9), config.polls_count is not PollsCount.NO
+    limit = config.max_in_flight or math.ceil(
+        default_max_in_flight(
+            config.rpm, latency.quantile(0.9), config.polls_count is not PollsCount.NO
+        )
     )
     return RunContext(
         client=SegmindClient(session, config.base_url, config.api_key),
@@ -619,6 +644,7 @@ async def _tick(
     the in-flight limit re-derived from learned latency, the progress display."""
     outage = _OutageNotices(notice)
     free_polls = FreePollsEvidence(ctx.budget.rpm)
+    dither = InFlightDither()
     while True:
         await anyio.sleep(0.5)
         now = ctx.clock()
@@ -643,8 +669,10 @@ async def _tick(
         if not polls_count and config.polls_count is PollsCount.AUTO:
             polls_count = not free_polls.proven(now, ctx.stats.requests.total())
         if adapt and ctx.latency.count >= 8:
-            ctx.in_flight.total_tokens = default_max_in_flight(
-                ctx.budget.effective_rpm, ctx.latency.quantile(0.9), polls_count
+            ctx.in_flight.total_tokens = dither.next(
+                default_max_in_flight(
+                    ctx.budget.effective_rpm, ctx.latency.quantile(0.9), polls_count
+                )
             )
         if on_tick is not None:
             on_tick(ctx, poller)

@@ -42,7 +42,6 @@ class Tracked:
     not_found: int = 0
     odd: int = 0  # unrecognised answers
     next_poll_at: float = 0.0
-    first_poll_at: float | None = None
     pending_seen_at: float | None = None  # when a poll last answered QUEUED/PROCESSING
     cache_key: str | None = None
     probe: bool = False  # first poll early, to learn latency from below

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import random
 
 import anyio
@@ -631,12 +632,12 @@ async def test_priority_gate_survives_a_cancelled_waiter() -> None:
 @pytest.mark.parametrize(
     ("rpm", "p90", "polls_count", "expected"),
     [
-        # 50 rpm, polls count: 1/3.6 jobs/s x 16.5 s = 4.6 -> 5, + 2 (submit and fetch).
-        (50.0, 16.5, True, 7),
-        # Polls free: 50/60 jobs/s x 16.5 s x 2 (headroom for latency spikes) = 27.5 -> 28, + 2.
-        (50.0, 16.5, False, 30),
-        # 5 rpm (Segmind Free), polls free: the retention cap (5 x 60 / 2 = 150) is not hit.
-        (5.0, 16.5, False, 5),
+        # 50 rpm, polls count: 1.3 x 1/3.6 jobs/s x 16.5 s = 5.96, + 2 (submit and fetch).
+        (50.0, 16.5, True, 1.3 * 16.5 / 3.6 + 2),
+        # Polls free: 2 (headroom for latency spikes) x 50/60 jobs/s x 16.5 s = 27.5, + 2.
+        (50.0, 16.5, False, 29.5),
+        # 5 rpm (Segmind Free), polls free: 2.75 + 2; the retention cap (150) is not hit.
+        (5.0, 16.5, False, 4.75),
         # A slow API at a high rate: capped so every request in flight can be
         # fetched inside the retention hour (rpm x 60 / 2).
         (20.0, 6000.0, True, 600),
@@ -645,11 +646,24 @@ async def test_priority_gate_survives_a_cancelled_waiter() -> None:
     ],
 )
 def test_default_max_in_flight_is_littles_law(
-    rpm: float, p90: float, polls_count: bool, expected: int
+    rpm: float, p90: float, polls_count: bool, expected: float
 ) -> None:
     from batchrunner.runner import default_max_in_flight
 
-    assert default_max_in_flight(rpm, p90, polls_count) == expected
+    assert default_max_in_flight(rpm, p90, polls_count) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("target", [4.0, 7.5, 7.25, 7.9, 29.5, 10_000.0])
+def test_in_flight_dither_averages_the_fractional_limit(target: float) -> None:
+    """Whole limits, each the floor or the ceiling of the target, averaging it
+    over any run of ticks to within one job over the run."""
+    from batchrunner.runner import InFlightDither
+
+    dither = InFlightDither()
+    limits = [dither.next(target) for _ in range(400)]
+    assert set(limits) <= {math.floor(target), math.ceil(target)}
+    for n in (4, 10, 400):
+        assert abs(sum(limits[:n]) - n * target) < 1.0
 
 
 def test_free_polls_are_proven_by_more_requests_in_a_window_than_the_rpm_allows() -> None:

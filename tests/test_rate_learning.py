@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from test_pipeline import KEY, run_jobs, write_jobs
 
+from batchrunner.api import ApiKey
 from batchrunner.budget import PollsCount
 from batchrunner.simulator import SimConfig, run_simulator
 
@@ -102,3 +103,42 @@ async def test_auto_learns_polls_count_with_few_429s_and_keeps_the_rate(tmp_path
     assert stats["rate_limited"]["total"] <= 8
     lower_bound_s = 200 * 3 / 60 * 60 + 11.2
     assert lower_bound_s / elapsed >= 0.85
+
+
+async def test_auto_learns_latency_and_sizes_in_flight_without_token_waits(
+    tmp_path: Path,
+) -> None:
+    """Once `auto` learns that polls count, polls wait for their tokens (the
+    cool-down after the first poll 429, then behind submits). A request found
+    done after such a wait finished before the poll was due: learning the
+    wait as latency raised the p90 that sizes the work in flight, which made
+    the waits longer (12 to 14 jobs in flight where 7 serve at 50 rpm,
+    detection p95 up to 3.9 mean latencies in bench_budget.py)."""
+    from batchrunner.runner import RunConfig, run
+
+    write_jobs(tmp_path / "jobs.jsonl", 200)
+    seen = {"p90": 0.0, "limit": 0}
+
+    def on_tick(ctx: Any, poller: Any) -> None:
+        seen["p90"] = ctx.latency.quantile(0.9)
+        seen["limit"] = max(seen["limit"], int(ctx.in_flight.total_tokens))
+
+    server = SimConfig(keys=frozenset({KEY}), rpm=50, polls_count=True, seed=8)
+    async with run_simulator(server) as sim:
+        config = RunConfig(
+            jobs_path=tmp_path / "jobs.jsonl",
+            output_path=tmp_path / "out.jsonl",
+            api_key=ApiKey(KEY),
+            base_url=sim.url,
+            rpm=50,
+            polls_count=PollsCount.AUTO,
+            seed=8,
+        )
+        outcome = await run(config, on_tick=on_tick)
+        stats = sim.stats.snapshot()
+    assert outcome.exit_code == 0
+    latencies = sorted(r["done_at"] - r["submitted_at"] for r in stats["per_request"].values())
+    true_p90 = latencies[int(0.9 * (len(latencies) - 1))]
+    assert seen["p90"] <= 1.2 * true_p90, (seen, true_p90)
+    # 1.3 x 50/180 jobs/s x p90 (16.5 s) + 2 = 7.96: 8 at most, with the p90 learned.
+    assert seen["limit"] <= 9, seen
