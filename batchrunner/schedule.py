@@ -173,8 +173,8 @@ def next_poll_at(
 FRUGAL_SCHEDULE = PollSchedule(first_quantile=0.92, first_step_fraction=0.1, growth=1.5)
 """When polls count against the rate limit: every PENDING answer is a job not
 run, so the first poll waits until most requests are done: at 0.92, about 1.1
-status polls a job (benchmarks/detection_bound.py: at most 0.97 of R/3 below
-1.09). With the latency learned without token waits, 0.85 found more
+status polls a job, and 3 requests / 3.1 is 0.97 of R/3 at most. With the
+latency learned without token waits, 0.85 found more
 requests pending, and `auto` stayed at 0.957 to 0.963 of R/3 (bench_budget.py
 scenario 1, seeds 7 to 9); 0.92 gave 0.969 and 0.970 at the same in-flight
 level."""
