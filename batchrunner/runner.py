@@ -181,7 +181,9 @@ class RunOutcome:
         return self.stop is not None and self.stop.reason is Reason.COST_CAP
 
 
-def default_max_in_flight(rpm: float, latency_p90_s: float, polls_count: bool) -> float:
+def default_max_in_flight(
+    rpm: float, latency_p90_s: float, polls_count: bool, *, polls_known: bool = True
+) -> float:
     """Little's law: in flight = throughput x time in the system, with headroom.
 
     A fraction: `InFlightDither` turns it into whole limits that average it.
@@ -196,15 +198,24 @@ def default_max_in_flight(rpm: float, latency_p90_s: float, polls_count: bool) -
     every job in flight beyond throughput x latency only waits, finished, for
     a poll token (detection delay = in flight / throughput - latency, and no
     more goodput); too few leave tokens unused. So a small headroom on the
-    p90 there, 1.3 (plus 2 for the submit and the fetch): `auto`, seeds 8 and
-    9, headroom 1.2 gave 0.969 and 0.970 of R/3 (p95 1.80, 1.56), 1.35 gave
-    0.985 and 0.980 (p95 1.94, 1.63). When polls are free, latency is the
+    p90 there, 1.1 (plus 2 for the submit and the fetch): bench_budget.py
+    scenario 1, seeds 7 to 9, 0.972 to 0.987 of R/3 and detection p50 0.84
+    to 1.12 mean latencies; 1.0 gave p50 0.89 to 1.00 but 0.964 at one seed,
+    1.3 (before `WindowLog` ended the rate cuts of 2 to 3 429s a run) p50 up
+    to 1.47. `benchmarks/poll_order_frontier.py` models the trade. While
+    `auto` does not know yet whether polls count (`polls_known` False; it
+    sizes as if they did), 1.3: in a run where they turn out free, 1.1 in
+    that first phase left detection p95 at 0.156 mean latencies where 1.3
+    gave 0.129 (scenario 2, seed 8). When polls are free, latency is the
     bottleneck and a generous headroom keeps the submit budget busy through
     latency spikes. Capped so that every in-flight request can still be
     fetched inside the retention hour at the request budget.
     """
     jobs_per_s = rpm / 60.0 / (3.0 if polls_count else 1.0)
-    headroom = 1.3 if polls_count else 2.0
+    if not polls_count:
+        headroom = 2.0
+    else:
+        headroom = 1.1 if polls_known else 1.3
     wanted = headroom * jobs_per_s * latency_p90_s + 2
     retention_cap = max(4, int(rpm * 60 / 2))
     return max(4.0, min(wanted, retention_cap, 10_000))
@@ -367,7 +378,10 @@ def make_context(
     # (FreePollsEvidence): cheap when they are free, and no pile-up when they count.
     limit = config.max_in_flight or math.ceil(
         default_max_in_flight(
-            config.rpm, latency.quantile(0.9), config.polls_count is not PollsCount.NO
+            config.rpm,
+            latency.quantile(0.9),
+            config.polls_count is not PollsCount.NO,
+            polls_known=config.polls_count is PollsCount.YES,
         )
     )
     return RunContext(
@@ -665,13 +679,16 @@ async def _tick(
                 f"--max-outage {config.max_outage_s:g} s) and nothing is left to collect; "
                 "run the same command again to resume",
             )
-        polls_count = ctx.budget.polls_count
+        polls_count = polls_known = ctx.budget.polls_count
         if not polls_count and config.polls_count is PollsCount.AUTO:
             polls_count = not free_polls.proven(now, ctx.stats.requests.total())
         if adapt and ctx.latency.count >= 8:
             ctx.in_flight.total_tokens = dither.next(
                 default_max_in_flight(
-                    ctx.budget.effective_rpm, ctx.latency.quantile(0.9), polls_count
+                    ctx.budget.effective_rpm,
+                    ctx.latency.quantile(0.9),
+                    polls_count,
+                    polls_known=polls_known,
                 )
             )
         if on_tick is not None:

@@ -15,12 +15,15 @@ from batchrunner.budget import (
     RESULT,
     SUBMIT,
     URGENT_POLL,
+    WINDOW_LOG_MAX,
+    WINDOW_MARGIN,
     AimdPolicy,
     FreePollsEvidence,
     PollsCount,
     PriorityGate,
     RateBudget,
     SentWindow,
+    WindowLog,
     aimd_after_429,
     aimd_after_success,
     make_limiter,
@@ -626,14 +629,55 @@ async def test_priority_gate_survives_a_cancelled_waiter() -> None:
         await gate.acquire((SUBMIT, 0.0))
 
 
+def test_window_log_holds_the_request_one_too_many_until_the_oldest_leaves() -> None:
+    log = WindowLog(50.0)  # 50 a minute, interval 1.2 s
+    for i in range(50):
+        assert log.room_at(i * 1.0, 50.0) == i * 1.0
+        log.record(i * 1.0)
+    # The 51st: when the first (at 0) has left, plus a tenth of an interval.
+    assert log.room_at(50.0, 50.0) == pytest.approx(60.0 + 0.12)
+    # At a rate cut to 40 a minute, 40 may be in the window: the 11th of them.
+    assert log.room_at(50.0, 40.0) == pytest.approx(10.0 + 60.0 + 0.15)
+
+
+def test_window_log_is_off_above_its_size() -> None:
+    log = WindowLog(10 * WINDOW_LOG_MAX)
+    for i in range(WINDOW_LOG_MAX + 5):
+        log.record(i * 1e-3)
+    assert log.room_at(20.0, 10 * WINDOW_LOG_MAX) == 20.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_a_window_a_margin_longer_than_a_minute_holds_at_most_the_rpm(seed: int) -> None:
+    """The bucket alone spaces the requests of a minute exactly a minute apart,
+    and a server counting arrivals refuses the one that the network's jitter
+    brings in a hair early (2 to 3 429s a run, each a rate cut). The window
+    log keeps them a minute and a tenth of an interval apart."""
+    rpm = 60.0
+    b = loop_budget(rpm, PollsCount.YES)
+    rng = random.Random(seed)
+    sent: list[float] = []
+    for _ in range(200):
+        await b.acquire_submit()
+        sent.append(now())
+        if rng.random() < 0.3:  # this caller comes back late for its next token
+            await anyio.sleep(rng.uniform(0.1, 0.5))
+    margin = WINDOW_MARGIN * 60.0 / rpm
+    gaps = [later - earlier for earlier, later in zip(sent, sent[int(rpm) :], strict=False)]
+    assert min(gaps) >= 60.0 + margin - 1e-6
+    # ... and the pace is kept: 200 requests take about 200 intervals, not more.
+    assert sent[-1] - sent[0] <= 199 * 60.0 / rpm * 1.05
+
+
 # --------------------------------------------------------------------------- max in flight
 
 
 @pytest.mark.parametrize(
     ("rpm", "p90", "polls_count", "expected"),
     [
-        # 50 rpm, polls count: 1.3 x 1/3.6 jobs/s x 16.5 s = 5.96, + 2 (submit and fetch).
-        (50.0, 16.5, True, 1.3 * 16.5 / 3.6 + 2),
+        # 50 rpm, polls count: 1.1 x 1/3.6 jobs/s x 16.5 s = 5.04, + 2 (submit and fetch).
+        (50.0, 16.5, True, 1.1 * 16.5 / 3.6 + 2),
         # Polls free: 2 (headroom for latency spikes) x 50/60 jobs/s x 16.5 s = 27.5, + 2.
         (50.0, 16.5, False, 29.5),
         # 5 rpm (Segmind Free), polls free: 2.75 + 2; the retention cap (150) is not hit.
@@ -651,6 +695,18 @@ def test_default_max_in_flight_is_littles_law(
     from batchrunner.runner import default_max_in_flight
 
     assert default_max_in_flight(rpm, p90, polls_count) == pytest.approx(expected)
+
+
+def test_auto_sizes_with_more_headroom_until_it_knows_whether_polls_count() -> None:
+    """While `auto` has not seen whether polls count it sizes as if they did,
+    but with the headroom of 1.3: if they turn out free, the tight level of
+    known-counted polls cost detection (scenario 2: p95 0.156 against 0.129)."""
+    from batchrunner.runner import default_max_in_flight
+
+    unsure = default_max_in_flight(50.0, 16.5, True, polls_known=False)
+    assert unsure == pytest.approx(1.3 * 16.5 / 3.6 + 2)
+    assert default_max_in_flight(50.0, 16.5, True) < unsure
+    assert default_max_in_flight(50.0, 16.5, False, polls_known=False) == pytest.approx(29.5)
 
 
 @pytest.mark.parametrize("target", [4.0, 7.5, 7.25, 7.9, 29.5, 10_000.0])
