@@ -478,10 +478,11 @@ class RateBudget:
                 await self._wait_window_room()
             if not self.cooling_down():
                 break
+        now = self._clock()
         if wanted is not None:
-            self._log.record(self._clock())
+            self._log.record(now)
         if wanted is not None or self._polls_unknown:
-            self._sent.record(self._clock())
+            self._sent.record(now)
 
     async def _wait_window_room(self) -> None:
         """Hold a token until one more request keeps the window within the rate (WindowLog)."""

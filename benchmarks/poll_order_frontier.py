@@ -46,6 +46,7 @@ from statistics import NormalDist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from batchrunner.runner import InFlightDither
 from batchrunner.schedule import FRUGAL_SCHEDULE
 
 MEAN_S = 11.2
@@ -171,14 +172,10 @@ class TokenOrder(Model):
         super().__init__(law, rpm, jobs, seed, first_quantile)
         self.limit, self.polls_first = limit, polls_first
         self.due: list[tuple[float, int]] = []  # (poll due at, job)
-        self.error = 0.0
+        self.dither = InFlightDither()
 
     def step(self, slot: int, now: float) -> None:
-        whole = math.floor(self.limit)
-        self.error += self.limit - whole
-        limit = whole + (1 if self.error >= 0.5 else 0)
-        if self.error >= 0.5:
-            self.error -= 1
+        limit = self.dither.next(self.limit)
         can_submit = self.submitted < self.jobs and self.in_flight < limit
         poll_due = bool(self.due) and self.due[0][0] <= now
         if self.fetch_ready:
