@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import math
 from datetime import datetime, timezone
 from typing import Any
 
 
 def iso_utc(epoch: float) -> str:
-    """'2026-11-25T12:00:00.123Z' (milliseconds truncated); isoformat, not strftime:
-    twice per result line, it showed in the capacity profile."""
-    stamp = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
-    return stamp.removesuffix("+00:00") + "Z"
+    """'2026-11-25T12:00:00.123Z' (milliseconds truncated, after rounding to the
+    microsecond as `datetime.fromtimestamp` does). The date and time of day are
+    formatted once per second: twice per result line, they showed in the
+    capacity profile (2% of the client's CPU, issue 12)."""
+    fraction, whole = math.modf(epoch)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    return f"{_second(int(whole))}.{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _second(epoch_s: int) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def result_line(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,19 @@ def exp_line(custom_id: str) -> dict[str, Any]:
 )
 def test_iso_utc(epoch: float, text: str) -> None:
     assert iso_utc(epoch) == text
+
+
+def test_iso_utc_agrees_with_datetime_across_seconds_and_rounding_edges() -> None:
+    """The per-second cache must not change a stamp: datetime's own rounding to
+    the microsecond decides the second, here and in isoformat alike."""
+    rng = random.Random(12)
+    edges = [0.9999995, 0.9999994, 0.0000005, 0.4999995, 0.0]
+    for _ in range(20_000):
+        epoch = rng.randrange(-10**9, 4 * 10**9) + rng.choice([*edges, rng.random()])
+        expected = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(
+            timespec="milliseconds"
+        )
+        assert iso_utc(epoch) == expected.removesuffix("+00:00") + "Z", epoch
 
 
 def test_iso_utc_shape() -> None:
