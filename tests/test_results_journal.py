@@ -69,10 +69,8 @@ def test_iso_utc_agrees_with_datetime_across_seconds_and_rounding_edges() -> Non
     rng = random.Random(12)
     edges = [0.9999995, 0.9999994, 0.0000005, 0.4999995, 0.0]
     for _ in range(20_000):
-        epoch = rng.randrange(-10**9, 4 * 10**9) + rng.choice([*edges, rng.random()])
-        expected = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(
-            timespec="milliseconds"
-        )
+        epoch = rng.randrange(-(10**9), 4 * 10**9) + rng.choice([*edges, rng.random()])
+        expected = datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds")
         assert iso_utc(epoch) == expected.removesuffix("+00:00") + "Z", epoch
 
 
