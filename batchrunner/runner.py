@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import anyio
-from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 from yarl import URL
 
 from batchrunner import interrupts
@@ -28,6 +28,7 @@ from batchrunner.display import rerun_lines
 from batchrunner.errors import ConfigError, ResultsFileError
 from batchrunner.estimate import DEFAULT_OUTPUT_TOKENS_PER_JOB
 from batchrunner.fetch import ImageFetcher
+from batchrunner.handoff import send_soon
 from batchrunner.journal import JournalRecord, journal_path_for, load_journal
 from batchrunner.policy import (
     MAX_OUTAGE_S,
@@ -44,7 +45,13 @@ from batchrunner.results import errored, result_line
 from batchrunner.resultsfile import PriorResults, load_prior
 from batchrunner.schedule import MODEL_PAGE_LATENCY_S, LatencyModel, PollSchedule
 from batchrunner.stop import Level, Reason, Stop, StopController
-from batchrunner.submitter import Submission, Submitter, Tracked, run_submit_worker
+from batchrunner.submitter import (
+    Submission,
+    Submitter,
+    Tracked,
+    release_if_held,
+    run_submit_worker,
+)
 from batchrunner.threads import run_blocking
 from batchrunner.writer import OutputLock, Writer, describe_os_error
 
@@ -523,7 +530,7 @@ async def _pipeline(
 async def _read(
     ctx: RunContext,
     config: RunConfig,
-    send: ObjectSendStream[Submission],
+    send: MemoryObjectSendStream[Submission],
     poller: Poller,
     prior: PriorResults,
     journaled: dict[str, JournalRecord],
@@ -558,9 +565,11 @@ async def _read(
             else:
                 attempt = record.attempt + 1 if record is not None else 1
                 try:
-                    await send.send(Submission(item, borrower, attempt=attempt))
+                    await send_soon(send, Submission(item, borrower, attempt=attempt))
                 except BaseException:
-                    ctx.in_flight.release_on_behalf_of(borrower)
+                    # Cancelled as a worker took it, anyio still raises: the
+                    # worker gives the slot back too, and only one may.
+                    release_if_held(ctx, borrower)
                     raise
         intake.complete = True
     except JobsFileChanged as exc:
