@@ -105,11 +105,6 @@ class PriorityGate:
 
     async def acquire(self, priority: tuple[int, float]) -> None:
         """Wait for a token; `priority` is (class, then earliest first within it)."""
-        if not self._heap and not self._pumping and self._token_ready():
-            # Nobody waits and the bucket holds a token: take it without the
-            # waiter and the heap (4% of the client's CPU at full speed, issue 12).
-            await self._wait_token()  # does not suspend: see _token_ready
-            return
         waiter = _Waiter((*priority, next(self._order)))
         heapq.heappush(self._heap, waiter)
         try:
@@ -151,10 +146,6 @@ class PriorityGate:
         # The loop's clock, which anyio's is on asyncio: anyio.current_time()
         # costs ten times more (2.8 against 0.2 microseconds), once a request.
         self._granted_at = asyncio.get_running_loop().time()
-
-    def _token_ready(self) -> bool:
-        """The limiter would hand out a token at once (and no change of rate to pace)."""
-        return self._limiter is self._paced_by and self._limiter.has_capacity(1.0)
 
     def _wake_next_pump(self) -> None:
         if self._heap and not self._pumping:
