@@ -26,6 +26,13 @@ Policies (who gets a free slot):
   it (the fetch); a submit goes only when such a pair is free within `tol`
   slots of where its first poll is due, so first polls never wait; a re-poll
   reserves the first free pair after it is due.
+- idle polls: submits-first, and a slot nobody wants goes to an early poll of
+  the job in flight most likely done since its last poll (when at least
+  `IDLE_POLL_MIN_P` likely): an idle token costs no goodput, and a job found
+  early frees its in-flight slot early.
+
+Each policy is run at several in-flight limits and first-poll quantiles (the
+schedule's p80 when polls count, and earlier ones).
 
     python benchmarks/poll_order_frontier.py            # 10 seeds, about 20 s
     python benchmarks/poll_order_frontier.py --seeds 3  # quicker
@@ -71,6 +78,11 @@ class Law:
 
     def draw(self, rng: random.Random) -> float:
         return rng.lognormvariate(self.mu, self.sigma)
+
+    def cdf(self, age: float) -> float:
+        if age <= 0:
+            return 0.0
+        return NormalDist().cdf((math.log(age) - self.mu) / self.sigma)
 
 
 @dataclass
@@ -190,6 +202,45 @@ class TokenOrder(Model):
             heapq.heappush(self.due, (now + self.first_poll_age(job), job))
 
 
+IDLE_POLL_MIN_P = 0.4
+
+
+class IdlePolls(TokenOrder):
+    """submits-first, and an idle slot polls the job most likely done since its last poll."""
+
+    def __init__(
+        self, law: Law, rpm: float, jobs: int, seed: int, first_quantile: float, *, limit: float
+    ) -> None:
+        super().__init__(law, rpm, jobs, seed, first_quantile, limit=limit, polls_first=False)
+        self.submitted_at: dict[int, float] = {}
+        self.last_polled_age: dict[int, float] = {}
+
+    def submit(self, now: float) -> int:
+        job = super().submit(now)
+        self.submitted_at[job], self.last_polled_age[job] = now, 0.0
+        return job
+
+    def poll(self, job: int, now: float) -> bool:
+        self.last_polled_age[job] = now - self.submitted_at[job]
+        return super().poll(job, now)
+
+    def _done_since_last_poll(self, job: int, now: float) -> float:
+        """P(done by now | not done at its last poll), from the law."""
+        before = self.law.cdf(self.last_polled_age[job])
+        return (self.law.cdf(now - self.submitted_at[job]) - before) / (1.0 - before)
+
+    def step(self, slot: int, now: float) -> None:
+        requests = self.requests
+        super().step(slot, now)
+        if self.requests > requests or not self.due:
+            return
+        chances = [self._done_since_last_poll(job, now) for _, job in self.due]
+        best = max(range(len(chances)), key=chances.__getitem__)
+        if chances[best] >= IDLE_POLL_MIN_P and self.poll(self.due[best][1], now):
+            del self.due[best]
+            heapq.heapify(self.due)
+
+
 class Calendar(Model):
     """Submits reserve their first poll's slot and the fetch slot after it."""
 
@@ -263,15 +314,22 @@ def main(argv: list[str] | None = None) -> int:
             law, args.rpm, args.jobs, seed, fq, limit=limit, polls_first=polls_first
         )
 
+    def idle_polls(limit: float, fq: float) -> Callable[[int], Model]:
+        return lambda seed: IdlePolls(law, args.rpm, args.jobs, seed, fq, limit=limit)
+
     def calendar(tol: int, fq: float) -> Callable[[int], Model]:
         return lambda seed: Calendar(law, args.rpm, args.jobs, seed, fq, tol=tol)
 
     for polls_first in (False, True):
         name = "polls-first" if polls_first else "submits-first"
         for limit in (5.5, 5.625, 5.75, 6.0, 6.25, 6.5, 7.0, 7.5, round(own_limit, 2), 8.0, 9.0):
-            for fq in (0.8, 0.92):
+            quantiles = (0.8, 0.92) if polls_first or limit > 6.0 else (0.6, 0.7, 0.8, 0.92)
+            for fq in quantiles:
                 label = f"{name}, limit {limit}, first poll p{round(100 * fq)}"
                 add(label, token_order(limit, fq, polls_first))
+    for limit in (5.25, 5.5, 5.625, 5.75, 6.0):
+        for fq in (0.6, 0.8, 0.92):
+            add(f"idle polls, limit {limit}, first poll p{round(100 * fq)}", idle_polls(limit, fq))
     for tol in (0, 1, 2, 3, 5, 8, 12):
         for fq in (0.85, 0.92, 0.95):
             add(
