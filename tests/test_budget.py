@@ -634,10 +634,10 @@ def test_window_log_holds_the_request_one_too_many_until_the_oldest_leaves() -> 
     for i in range(50):
         assert log.room_at(i * 1.0, 50.0) == i * 1.0
         log.record(i * 1.0)
-    # The 51st: when the first (at 0) has left, plus a tenth of an interval.
-    assert log.room_at(50.0, 50.0) == pytest.approx(60.0 + 0.12)
+    # The 51st: when the first (at 0) has left, plus WINDOW_MARGIN of an interval.
+    assert log.room_at(50.0, 50.0) == pytest.approx(60.0 + WINDOW_MARGIN * 1.2)
     # At a rate cut to 40 a minute, 40 may be in the window: the 11th of them.
-    assert log.room_at(50.0, 40.0) == pytest.approx(10.0 + 60.0 + 0.15)
+    assert log.room_at(50.0, 40.0) == pytest.approx(10.0 + 60.0 + WINDOW_MARGIN * 1.5)
 
 
 def test_window_log_is_off_above_its_size() -> None:
