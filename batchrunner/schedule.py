@@ -16,21 +16,6 @@ MODEL_PAGE_LATENCY_S = 11.2
 """Typical Claude 3.5 Sonnet latency on Segmind (model page): the prior."""
 
 
-_PRIOR_SPREAD = {0.1: 0.65, 0.25: 0.8, 0.5: 0.95, 0.75: 1.15, 0.9: 1.4}
-"""Quantile: factor of the prior, a lognormal-ish spread (sigma ~0.35) for a cold model."""
-
-
-def _rank(values: list[float], x: float) -> float:
-    """Where `x` falls among sorted `values`, as a fractional index in [0, len - 1]."""
-    above = bisect.bisect_right(values, x)
-    if above == 0:
-        return 0.0
-    if above == len(values):
-        return float(len(values) - 1)
-    low, high = values[above - 1], values[above]
-    return above - 1 + (x - low) / (high - low)
-
-
 class LatencyModel:
     """Sliding-window empirical quantiles of completion latency.
 
@@ -58,42 +43,6 @@ class LatencyModel:
             oldest = self._order.popleft()
             del self._sorted[bisect.bisect_left(self._sorted, oldest)]
 
-    def observe_between(self, low_s: float, high_s: float, u: float, *, fallback_s: float) -> None:
-        """A request finished somewhere in (low_s, high_s]: learn a draw from the
-        model's own distribution inside that interval (`u` uniform in [0, 1)).
-
-        Poll answers only bracket a latency: a first poll that finds the
-        request done says it took at most that long, and under a saturated
-        budget the poll went out long after it was due. Learning the bound
-        learns the token wait as latency (a feedback loop: a longer schedule,
-        more work in flight, longer waits); learning the poll's planned age
-        instead made nearly every answer the same number, the model's own
-        first-poll quantile, and the window collapsed onto it (p25 = p50 = p90
-        after a few hundred jobs while polls count: the work in flight was
-        sized off a p90 a third short). A draw from the model restricted to
-        the interval keeps its shape and moves mass only where an answer rules
-        it out (self-consistency, as for interval-censored data): a PENDING
-        answer moves it up, a done one down. The draw interpolates between
-        neighbouring observations, so that learning from its own draws does
-        not copy a few values over and over; a cold model draws from the
-        prior's shape. Where the model has nothing inside the interval (the
-        API changed speed), `fallback_s`, a point inside it, is learned.
-        """
-        values = self._sorted if len(self._sorted) >= 8 else self._prior_shape()
-        lo, hi = _rank(values, low_s), _rank(values, high_s)
-        if hi - lo < 1e-9:
-            self.observe(fallback_s)
-            return
-        rank = lo + u * (hi - lo)
-        below = int(rank)
-        if below + 1 >= len(values):
-            self.observe(values[-1])
-            return
-        self.observe(values[below] + (rank - below) * (values[below + 1] - values[below]))
-
-    def _prior_shape(self) -> list[float]:
-        return [self._prior_s * factor for factor in sorted(_PRIOR_SPREAD.values())]
-
     @property
     def count(self) -> int:
         return len(self._sorted)
@@ -103,8 +52,9 @@ class LatencyModel:
         if len(self._sorted) < 8:
             # Cold start: shape the prior like a lognormal with sigma ~0.35
             # so early polls are neither all too early nor all too late.
-            nearest = min(_PRIOR_SPREAD, key=lambda k: abs(k - q))
-            return self._prior_s * _PRIOR_SPREAD[nearest]
+            spread = {0.1: 0.65, 0.25: 0.8, 0.5: 0.95, 0.75: 1.15, 0.9: 1.4}
+            nearest = min(spread, key=lambda k: abs(k - q))
+            return self._prior_s * spread[nearest]
         index = min(len(self._sorted) - 1, max(0, round(q * (len(self._sorted) - 1))))
         return self._sorted[index]
 
@@ -143,35 +93,6 @@ class FirstPollAge:
         elif age_s > 4 * self.age_s:
             return  # a request resumed from the journal, or a poll held back: no evidence
         self.age_s *= math.exp(-self.step * ((1.0 if done else 0.0) - self.target))
-
-
-def observe_finish(
-    model: LatencyModel,
-    *,
-    submitted_at: float,
-    pending_seen_at: float | None,
-    done_answer_at: float,
-    planned_at: float,
-    u: float,
-) -> None:
-    """Teach `model` what a request's poll answers say of when it finished.
-
-    It finished after its last PENDING answer (or its submit) and before its
-    first done answer: `LatencyModel.observe_between` learns a draw from the
-    model inside that interval. Where the model has nothing there, a point:
-    the midpoint when both ends are known, else the poll's *scheduled* time,
-    not when it was answered (under a saturated budget a poll waits for its
-    token, and learning that wait as latency would lengthen the schedule and
-    the in-flight limit, which lengthens the wait: `auto` at 12 to 14 jobs in
-    flight where 7 serve, detection p95 2.9 to 3.9 mean latencies, in the
-    budget benchmark). `u` is uniform in [0, 1).
-    """
-    low = pending_seen_at if pending_seen_at is not None else submitted_at
-    done_by = max(min(done_answer_at, planned_at), low)
-    point = (low + done_by) / 2 if pending_seen_at is not None else done_by
-    model.observe_between(
-        low - submitted_at, done_answer_at - submitted_at, u, fallback_s=point - submitted_at
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,6 @@ from batchrunner.schedule import (
     LatencyModel,
     PollSchedule,
     next_poll_at,
-    observe_finish,
 )
 
 T0 = 1_795_608_000.0  # submission time used throughout
@@ -333,74 +332,3 @@ def test_first_poll_age_ignores_answers_far_past_it() -> None:
     before = tracker.age_s
     tracker.observe(500.0, done=True)  # resumed from the journal: says nothing
     assert tracker.age_s == before
-
-
-# --------------------------------------------------------------------------- learning from polls
-
-
-def _learn_like_a_saturated_poller(
-    first_quantile: float, jobs: int, seed: int, *, token_wait_s: float
-) -> tuple[LatencyModel, list[float]]:
-    """The poller's learning when polls wait for tokens: each first poll goes
-    out `token_wait_s` (mean, exponential) after it was planned, each re-poll
-    a tenth of the median after the PENDING answer and a quarter of the wait
-    later. Latency lognormal, mean 11.2 s, sigma 0.35 (bench_budget.py)."""
-    rng = random.Random(seed)
-    sigma = 0.35
-    mu = math.log(11.2) - sigma * sigma / 2
-    model = LatencyModel()
-    latencies = []
-    for _ in range(jobs):
-        latency = rng.lognormvariate(mu, sigma)
-        latencies.append(latency)
-        planned = model.quantile(first_quantile)
-        sent = planned + rng.expovariate(1 / token_wait_s)
-        pending_at = None
-        while sent < latency:
-            pending_at = sent
-            planned = sent + 0.1 * model.quantile(0.5)
-            sent = planned + rng.expovariate(4 / token_wait_s)
-        observe_finish(
-            model,
-            submitted_at=T0,
-            pending_seen_at=None if pending_at is None else T0 + pending_at,
-            done_answer_at=T0 + sent,
-            planned_at=T0 + planned,
-            u=rng.random(),
-        )
-    return model, sorted(latencies)
-
-
-@pytest.mark.parametrize("first_quantile", [0.6, 0.92])
-@pytest.mark.parametrize("seed", [7, 8])
-def test_polls_that_wait_for_tokens_teach_the_p90_without_collapsing_the_model(
-    first_quantile: float, seed: int
-) -> None:
-    """First polls that go out 8 s late (as in bench_budget.py scenario 1) find
-    nearly every request done. Learning the planned age of such a poll made
-    the window collapse onto the model's own first-poll quantile (p25 = p50 =
-    p90: the in-flight limit sized off a p90 a third short); learning when it
-    was answered learns the wait. The model must find the p90 and keep a spread."""
-    model, latencies = _learn_like_a_saturated_poller(first_quantile, 1500, seed, token_wait_s=8.0)
-    true_p90 = latencies[int(0.9 * len(latencies))]
-    assert model.quantile(0.9) == pytest.approx(true_p90, rel=0.1)
-    assert model.quantile(0.9) / model.quantile(0.5) > 1.25  # the truth: 1.57
-    assert model.quantile(0.25) < model.quantile(0.5)
-
-
-def test_a_done_answer_with_nothing_learned_inside_it_learns_the_planned_time() -> None:
-    """The API got faster than anything in the window: the poll's planned time,
-    not its (token-delayed) answer, is learned."""
-    model = warm_model([20.0] * 16)
-    observe_finish(
-        model, submitted_at=T0, pending_seen_at=None, done_answer_at=T0 + 15.0,
-        planned_at=T0 + 12.0, u=0.5,
-    )  # fmt: skip
-    assert model.quantile(0.0) == 12.0
-
-
-def test_a_draw_inside_the_interval_interpolates_between_observations() -> None:
-    model = warm_model([10.0, 12.0, 14.0, 16.0, 18.0, 20.0, 22.0, 24.0])
-    model.observe_between(13.0, 17.0, 0.5, fallback_s=99.0)  # ranks 1.5 to 3.5: 2.5
-    assert 15.0 in model._sorted
-    assert 99.0 not in model._sorted
