@@ -258,7 +258,7 @@ class SentWindow:
 WINDOW_MARGIN = 0.3
 """Of a request interval: how long after the oldest request of a full window
 has left it the next may go (WindowLog). It costs that share of one request a
-window: 0.6% of the rate at 50 rpm. At 0.1, `--polls-count yes` drew 10
+window: 0.6% of the rate at 50 rpm. At 0.1, `--polls-count yes` drew 12
 429s in 9 runs of bench_budget.py scenario 1 on a busier day (seeds 7 to 9;
 each a rate cut of a tenth for three minutes, about 1.5% of a run), 3 in 15 at
 0.3 (the request times there are scaled by 0.05: 0.1 of an interval was 6 ms
