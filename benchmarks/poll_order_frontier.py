@@ -34,7 +34,7 @@ Policies (who gets a free slot):
 Each policy is run at several in-flight limits and first-poll quantiles (the
 schedule's p80 when polls count, and earlier ones).
 
-    python benchmarks/poll_order_frontier.py            # 10 seeds, about 20 s
+    python benchmarks/poll_order_frontier.py            # 10 seeds, about 4 s here
     python benchmarks/poll_order_frontier.py --seeds 3  # quicker
 """
 
