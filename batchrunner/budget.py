@@ -280,8 +280,8 @@ class WindowLog:
     full window (2 to 3 429s a run at a limit of exactly --rpm, bench_budget.py
     scenario 1; each a rate cut of a tenth that took minutes to climb back
     from, about 2% of goodput). Here the request one too many waits until the
-    oldest of the window has been gone a tenth of an interval (120 ms at 50
-    rpm), which costs that tenth of an interval a minute (0.2% at 50 rpm).
+    oldest of the window has been gone WINDOW_MARGIN of an interval (360 ms
+    at 50 rpm), which costs that share of an interval a minute (0.6% at 50 rpm).
     Pure: `now` is passed in.
     """
 

@@ -653,7 +653,7 @@ async def test_a_window_a_margin_longer_than_a_minute_holds_at_most_the_rpm(seed
     """The bucket alone spaces the requests of a minute exactly a minute apart,
     and a server counting arrivals refuses the one that the network's jitter
     brings in a hair early (2 to 3 429s a run, each a rate cut). The window
-    log keeps them a minute and a tenth of an interval apart."""
+    log keeps them a minute and WINDOW_MARGIN of an interval apart."""
     rpm = 60.0
     b = loop_budget(rpm, PollsCount.YES)
     rng = random.Random(seed)
