@@ -123,12 +123,12 @@ class CircuitBreaker:
 
     def record(self, failed: bool, job: Hashable, *, probe: bool = False) -> None:
         """One answer: `failed` when it was a transient failure."""
-        now = self._clock()
         if not failed:
             self._recent.append((False, job))
             if self.state is not State.CLOSED:
                 self._close()
             return
+        now = self._clock()
         self._recent.append((True, job))
         if self.state is State.CLOSED:
             if outage_detected(self._recent, self._policy):

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -108,8 +108,9 @@ class Action(enum.Enum):
     WAIT_TOO_LONG = "wait_too_long"  # Retry-After over --max-retry-after: stop intake
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """What an answer means for its request (a NamedTuple: see `api.ApiResponse`)."""
+
     action: Action
     status: int | None = None
     error_type: str | None = None

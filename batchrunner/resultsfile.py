@@ -312,6 +312,8 @@ class PriorResults:
             self.output_tokens += tokens_out
 
     def get(self, custom_id: str) -> Prior | None:
+        if not len(self._lines):  # a first run: no digest to compute per job
+            return None
         packed = self._lines.get(custom_id)
         if packed is None:
             return None

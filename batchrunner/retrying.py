@@ -22,8 +22,7 @@ a submit is not.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 
@@ -34,8 +33,9 @@ if TYPE_CHECKING:
     from batchrunner.context import RunContext
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
+    """A request's last verdict and what it took (a NamedTuple: see `api.ApiResponse`)."""
+
     verdict: Verdict
     response: ApiResponse | None
     requests: int
@@ -68,11 +68,12 @@ async def send_with_retries(
         probe = ctx.breaker.is_open and await ctx.breaker.wait_turn()
         try:
             await acquire()
-            if deadline is not None and ctx.clock() >= deadline:
+            now = ctx.clock()
+            if deadline is not None and now >= deadline:
                 gone = Verdict(Action.GONE, None, message="past its retention deadline")
                 return Answer(gone, None, requests, sent_at)
             requests += 1
-            sent_at = ctx.clock()
+            sent_at = now
             ctx.stats.requests[kind] += 1
             response: ApiResponse | None = None
             try:

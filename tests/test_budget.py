@@ -372,15 +372,16 @@ async def test_cool_down_extended_while_waiting() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(extend)
-        await b.wait_cooled_down()
+        # A free poll (`auto`, no 429 on a poll yet) waits out the cool-down only.
+        await b.acquire_poll(start + 3600.0)
     assert now() - start == pytest.approx(25.0, abs=0.05)
 
 
 @pytest.mark.anyio
-async def test_wait_cooled_down_returns_at_once_when_not_cooling() -> None:
+async def test_a_free_poll_goes_at_once_when_not_cooling() -> None:
     b = loop_budget(60.0)
     start = now()
-    await b.wait_cooled_down()
+    await b.acquire_poll(start + 3600.0)
     assert now() - start == 0.0
 
 
