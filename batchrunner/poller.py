@@ -18,11 +18,10 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batchrunner.api import ApiResponse, NoMessage, decode_output, over_cap_message
 from batchrunner.context import RunContext
-from batchrunner.handoff import receive_soon, send_soon
+from batchrunner.handoff import Handoff
 from batchrunner.policy import (
     MAX_ODD_ANSWERS,
     Action,
@@ -140,16 +139,15 @@ class Poller:
         # POLL_CONCURRENCY workers take due requests from one hand-off rather
         # than a task per poll: anyio's start_soon cost 40 microseconds a poll
         # in issue 12's capacity profile, the hand-off 9.
-        due_send, due_receive = anyio.create_memory_object_stream[Tracked](0)
+        due_polls: Handoff[Tracked] = Handoff(0, POLL_CONCURRENCY)
         async with anyio.create_task_group() as tg:
             self._tg = tg
             for _ in range(POLL_CONCURRENCY):
-                tg.start_soon(self._poll_worker, due_receive.clone())
-            due_receive.close()
-            async with due_send:
-                await self._hand_out(due_send)
+                tg.start_soon(self._poll_worker, due_polls)
+            await self._hand_out(due_polls)
+            await due_polls.close()
 
-    async def _hand_out(self, due_send: MemoryObjectSendStream[Tracked]) -> None:
+    async def _hand_out(self, due_polls: Handoff[Tracked]) -> None:
         """Hand each request to a poll worker when its poll is due, until all are done."""
         while True:
             if self._intake_closed and not self._heap and self._active == 0:
@@ -162,7 +160,7 @@ class Poller:
             due.sort(key=self._deadline)
             for tracked in due:
                 self._active += 1
-                await send_soon(due_send, tracked)  # waits while every worker is busy
+                await due_polls.put(tracked)  # waits while every worker is busy
             wait = self._heap[0][0] - self.ctx.clock() if self._heap else None
             if wait is not None and wait <= 0:
                 continue
@@ -177,14 +175,13 @@ class Poller:
             finally:
                 self._sleeping_until = -math.inf
 
-    async def _poll_worker(self, due_receive: MemoryObjectReceiveStream[Tracked]) -> None:
-        async with due_receive:
-            while (tracked := await receive_soon(due_receive)) is not None:
-                try:
-                    await self._poll(tracked)
-                finally:
-                    self._active -= 1
-                    self._wake_if_done()
+    async def _poll_worker(self, due_polls: Handoff[Tracked]) -> None:
+        while (tracked := await due_polls.get()) is not None:
+            try:
+                await self._poll(tracked)
+            finally:
+                self._active -= 1
+                self._wake_if_done()
 
     def _wake_if_done(self) -> None:
         """The loop waits for the last active poll only to return once all is done."""

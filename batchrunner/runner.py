@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 from yarl import URL
 
 from batchrunner import interrupts
@@ -28,7 +27,7 @@ from batchrunner.display import rerun_lines
 from batchrunner.errors import ConfigError, ResultsFileError
 from batchrunner.estimate import DEFAULT_OUTPUT_TOKENS_PER_JOB
 from batchrunner.fetch import ImageFetcher
-from batchrunner.handoff import send_soon
+from batchrunner.handoff import Handoff
 from batchrunner.journal import JournalRecord, journal_path_for, load_journal
 from batchrunner.policy import (
     MAX_OUTAGE_S,
@@ -514,23 +513,22 @@ async def _pipeline(
     journaled: dict[str, JournalRecord],
     intake: _Intake,
 ) -> None:
-    send, receive = anyio.create_memory_object_stream[Submission](SUBMIT_WORKERS)
+    submissions: Handoff[Submission] = Handoff(SUBMIT_WORKERS, SUBMIT_WORKERS)
     async with anyio.create_task_group() as pipeline:
         pipeline.start_soon(poller.run)
         with ctx.stop.scope(Level.INTAKE):
             async with anyio.create_task_group() as workers:
                 for _ in range(SUBMIT_WORKERS):
-                    workers.start_soon(run_submit_worker, submitter, receive.clone())
-                receive.close()
-                async with send:
-                    await _read(ctx, config, send, poller, prior, journaled, intake)
+                    workers.start_soon(run_submit_worker, submitter, submissions)
+                await _read(ctx, config, submissions, poller, prior, journaled, intake)
+                await submissions.close()
         poller.close_intake()
 
 
 async def _read(
     ctx: RunContext,
     config: RunConfig,
-    send: MemoryObjectSendStream[Submission],
+    submissions: Handoff[Submission],
     poller: Poller,
     prior: PriorResults,
     journaled: dict[str, JournalRecord],
@@ -565,11 +563,9 @@ async def _read(
             else:
                 attempt = record.attempt + 1 if record is not None else 1
                 try:
-                    await send_soon(send, Submission(item, borrower, attempt=attempt))
+                    await submissions.put(Submission(item, borrower, attempt=attempt))
                 except BaseException:
-                    # Cancelled as a worker took it, anyio still raises: the
-                    # worker gives the slot back too, and only one may.
-                    release_if_held(ctx, borrower)
+                    release_if_held(ctx, borrower)  # cancelled: no worker has it
                     raise
         intake.complete = True
     except JobsFileChanged as exc:

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batchrunner.api import ApiResponse, TransportError
 from batchrunner.cache import cache_key
 from batchrunner.context import RunContext
 from batchrunner.estimate import estimate_job_tokens, output_tokens_for
 from batchrunner.fetch import UNREACHABLE
-from batchrunner.handoff import receive_soon
+from batchrunner.handoff import Handoff
 from batchrunner.images import ImageError
 from batchrunner.journal import JournalRecord
 from batchrunner.policy import Action, Verdict, classify_submit, wait_too_long_message
@@ -298,15 +297,12 @@ class Submitter:
         release_if_held(ctx, item.borrower)
 
 
-async def run_submit_worker(
-    submitter: Submitter, submissions: MemoryObjectReceiveStream[Submission]
-) -> None:
-    """Submit what the reader queues until the stream ends (or intake stops)."""
+async def run_submit_worker(submitter: Submitter, submissions: Handoff[Submission]) -> None:
+    """Submit what the reader hands over until it ends (or intake stops)."""
     ctx = submitter.ctx
-    async with submissions:
-        while (item := await receive_soon(submissions)) is not None:
-            if not (ctx.stop.taking_jobs and await submitter.submit(item)):
-                release_if_held(ctx, item.borrower)  # finished, or left for a resume
+    while (item := await submissions.get()) is not None:
+        if not (ctx.stop.taking_jobs and await submitter.submit(item)):
+            release_if_held(ctx, item.borrower)  # finished, or left for a resume
 
 
 def release_if_held(ctx: RunContext, borrower: object) -> None:
