@@ -253,7 +253,8 @@ class SegmindClient:
             async with self._session.request(
                 method, url, data=data, headers=headers, allow_redirects=False
             ) as response:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+                header = response.headers.get("Retry-After")
+                retry_after = None if header is None else parse_retry_after(header, time.time())
                 raw = await _read_capped(response)
                 if raw is None:
                     return ApiResponse(
