@@ -33,7 +33,8 @@ only if it holds at every seed.
 Scenarios: (1) polls count at R; (2) polls free; (3) the server's real limit is
 half the client's --rpm, no Retry-After, figures after the first model minute;
 (4) overhead: no latency, no rate limit, batchrunner alone: jobs/s and CPU ms
-per job of its process (getrusage), the simulator in another process; (5) as
+per job of its process (getrusage), the simulator in another process, against
+the minimal client, and the bytecodes a job each runs (traced runs); (5) as
 (1), but the server also counts the requests it refuses (`--count-refused`:
 whether Segmind does is unknown). Scenario (3) is also judged over the whole
 makespan (issue 11: at least 0.92 of the real limit). A client that has not
@@ -692,6 +693,32 @@ OVERHEAD_RUNS = 7
 batchrunner run is compared with the minimal client's run next to it."""
 
 
+BYTECODE_JOBS = (250, 1250)
+"""Job counts of the traced runs (`--count-bytecodes`): bytecodes a job is the
+difference of the counts over the difference of the jobs, so what each client
+runs once (its start-up inside the measured window) cancels out."""
+
+
+def bytecodes_per_job(work: Path, server: list[str], seed: int) -> dict[str, float]:
+    """Each client's bytecodes a job, marginal over BYTECODE_JOBS: a figure of
+    the work a job costs that does not drift with the machine's speed."""
+    per_job: dict[str, float] = {}
+    for client in ("batchrunner", "minimal"):
+        counts = []
+        for jobs in BYTECODE_JOBS:
+            path = work / f"jobs_s4_{jobs}.jsonl"
+            write_text_jobs(path, jobs)
+            extra = ["--latency-prior", "0.001"] if client == "batchrunner" else []
+            run = run_client(
+                client, client, server, jobs=path, scale=1.0, rpm=1e6, polls_count="no",
+                concurrency=64, seed=seed, time_limit_s=900,
+                extra=[*extra, "--count-bytecodes"],
+            )  # fmt: skip
+            counts.append(int(run.report.get("bytecodes") or 0))
+        per_job[client] = (counts[1] - counts[0]) / (BYTECODE_JOBS[1] - BYTECODE_JOBS[0])
+    return per_job
+
+
 def scenario_overhead(work: Path, jobs: int, seed: int) -> list[str]:
     """Client capacity: no latency, no rate limit. batchrunner against the minimal
     client (budget_clients.py `minimal`), alternating, OVERHEAD_RUNS pairs; the
@@ -723,6 +750,7 @@ def scenario_overhead(work: Path, jobs: int, seed: int) -> list[str]:
     pairs = list(zip(measured["batchrunner"], measured["minimal"], strict=True))
     speed = statistics.median(b[0] / m[0] for b, m in pairs)
     cpu = statistics.median(b[1] / m[1] for b, m in pairs)
+    bytecodes = bytecodes_per_job(work, server, seed)
     lines = [
         f"### (4) client capacity: no latency, no rate limit; {jobs} jobs, "
         f"{OVERHEAD_RUNS} alternating pairs of runs",
@@ -734,6 +762,9 @@ def scenario_overhead(work: Path, jobs: int, seed: int) -> list[str]:
         f"| {speed:.2f} |",
         f"| CPU ms per job | {br[1]:.3f} | {floor[1]:.3f} | {br[1] / floor[1]:.2f} | {cpu:.2f} |",
         f"| requests per job | {br[2]:.2f} | {floor[2]:.2f} | | |",
+        f"| bytecodes per job (traced runs, {BYTECODE_JOBS[0]} -> {BYTECODE_JOBS[1]} jobs) "
+        f"| {bytecodes['batchrunner']:,.0f} | {bytecodes['minimal']:,.0f} "
+        f"| {bytecodes['batchrunner'] / bytecodes['minimal']:.2f} | |",
         "",
         "pairs (jobs/s, CPU ms/job; batchrunner | minimal): "
         + "; ".join(f"{b[0]:.0f}/{b[1]:.2f} | {m[0]:.0f}/{m[1]:.2f}" for b, m in pairs),
