@@ -95,6 +95,8 @@ class DigestMap(DigestSet):
         self._values = _zeros(self._capacity)
 
     def get(self, custom_id: str) -> int | None:
+        if not self._size:  # empty (a first run's prior results): no digest to compute
+            return None
         digest = id_digest(custom_id)
         slot = self._slot(digest)
         return self._values[slot] if self._keys[slot] == digest else None

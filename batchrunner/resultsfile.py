@@ -312,8 +312,6 @@ class PriorResults:
             self.output_tokens += tokens_out
 
     def get(self, custom_id: str) -> Prior | None:
-        if not len(self._lines):  # a first run: no digest to compute per job
-            return None
         packed = self._lines.get(custom_id)
         if packed is None:
             return None
@@ -350,8 +348,6 @@ class PriorResults:
         return sum(1 for packed in self._lines.values() if not packed & _SEEN)
 
     def _flag(self, custom_id: str, flag: int) -> bool:
-        if not len(self._lines):  # a first run: no digest to compute per result
-            return False
         packed = self._lines.get(custom_id)
         if packed is None:
             return False

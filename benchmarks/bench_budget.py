@@ -702,12 +702,13 @@ runs once (its start-up inside the measured window) cancels out."""
 def bytecodes_per_job(work: Path, server: list[str], seed: int) -> dict[str, float]:
     """Each client's bytecodes a job, marginal over BYTECODE_JOBS: a figure of
     the work a job costs that does not drift with the machine's speed."""
+    paths = {jobs: work / f"jobs_s4_{jobs}.jsonl" for jobs in BYTECODE_JOBS}
+    for jobs, path in paths.items():
+        write_text_jobs(path, jobs)
     per_job: dict[str, float] = {}
     for client in ("batchrunner", "minimal"):
         counts = []
-        for jobs in BYTECODE_JOBS:
-            path = work / f"jobs_s4_{jobs}.jsonl"
-            write_text_jobs(path, jobs)
+        for path in paths.values():
             extra = ["--latency-prior", "0.001"] if client == "batchrunner" else []
             run = run_client(
                 client, client, server, jobs=path, scale=1.0, rpm=1e6, polls_count="no",
