@@ -400,11 +400,12 @@ class RateBudget:
         "_learned_drain_until",
         "_limiter_rpm",
         "_log",
-        "_polls_count",
+        "_polls_unknown",
         "_refused",
         "_rng",
         "_sent",
         "effective_rpm",
+        "polls_count",
         "polls_learned_counting",
         "rate_limited",
         "rpm",
@@ -424,7 +425,11 @@ class RateBudget:
         self.effective_rpm = rpm
         self._limiter_rpm = rpm
         self._gate = PriorityGate(make_limiter(rpm))
-        self._polls_count = polls_count
+        # Plain attributes, not properties: read several times a request.
+        self.polls_count = polls_count is PollsCount.YES
+        """Whether status polls and fetches take tokens (as far as known)."""
+        self._polls_unknown = polls_count is PollsCount.AUTO
+        """`auto` and no 429 on a poll yet: polls go out free, maybe counted."""
         self._clock = clock
         self._rng = rng or random.Random()
         self._aimd = aimd or AimdPolicy()
@@ -441,17 +446,6 @@ class RateBudget:
         self._refused = SentWindow()
         self.rate_limited = 0
         self.polls_learned_counting = False
-
-    @property
-    def polls_count(self) -> bool:
-        if self._polls_count is PollsCount.AUTO:
-            return self.polls_learned_counting
-        return self._polls_count is PollsCount.YES
-
-    @property
-    def _polls_unknown(self) -> bool:
-        """`auto` and no 429 on a poll yet: polls go out free, maybe counted."""
-        return self._polls_count is PollsCount.AUTO and not self.polls_learned_counting
 
     async def acquire_submit(self) -> None:
         await self._acquire(lambda: (SUBMIT, 0.0))
@@ -535,7 +529,8 @@ class RateBudget:
             # requests sent before then as part of this one signal. (Sending
             # on at once was met by a window of 429s, a rate cut to 0.8 x and
             # minutes of additive increase back.)
-            self.polls_learned_counting = True
+            self.polls_learned_counting = self.polls_count = True
+            self._polls_unknown = False
             self.effective_rpm = self.rpm
             per_window = self.rpm * RATE_WINDOW_S / 60.0
             self._learned_drain_until = self._sent.drained_at(now, per_window)

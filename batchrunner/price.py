@@ -31,4 +31,5 @@ def usage_tokens(message: Any) -> tuple[int, int]:
 
 
 def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    # type() is: a bool is not a count (nor is any other int subclass).
+    return value if type(value) is int and value > 0 else 0

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -161,17 +161,16 @@ def parse_job_lines(
         if not raw.strip():
             continue
         item = parse_job_line(raw, number, default_model)
-        if item.custom_id in seen:
+        if not seen.add(item.custom_id):
             message = (
                 f"line {number}: custom_id: duplicate {item.custom_id!r} (an earlier line has it)"
             )
             # The first holder of the id keeps it; this line's result would
             # collide with it, so report it under an id no other line has.
             unique = f"{item.custom_id}#line-{number}"
-            while unique in seen:
+            while not seen.add(unique):
                 unique += "#dup"
             item = InvalidJob(unique, number, message, line_fingerprint(raw))
-        seen.add(item.custom_id)
         yield item
 
 
@@ -254,8 +253,7 @@ class FieldNames:
 NATIVE_NAMES = FieldNames()
 
 
-@dataclass(frozen=True, slots=True)
-class _Split:
+class _Split(NamedTuple):
     model: str
     body: dict[str, Any]
     names: FieldNames = NATIVE_NAMES

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from batchrunner.journal import JournalRecord
 from batchrunner.policy import is_collectable
@@ -53,8 +54,9 @@ class Prior:
     request_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
+    """What a run does with a job (a NamedTuple: one a job; see `JournalRecord`)."""
+
     do: Do
     why: str | None = None
     """Why a job that has a result line runs again: 'changed', or the outcome retried."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -47,9 +47,8 @@ class Tracked:
     probe: bool = False  # first poll early, to learn latency from below
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """A job on its way to a submit."""
+class Submission(NamedTuple):
+    """A job on its way to a submit (a NamedTuple: one a job; see `JournalRecord`)."""
 
     job: Job
     borrower: object
