@@ -27,9 +27,10 @@ def usage_tokens(message: Any) -> tuple[int, int]:
     usage = message.get("usage") if isinstance(message, dict) else None
     if not isinstance(usage, dict):
         return 0, 0
-    return _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
-
-
-def _count(value: Any) -> int:
-    # type() is: a bool is not a count (nor is any other int subclass).
-    return value if type(value) is int and value > 0 else 0
+    tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
+    # Counts are positive ints; `type() is`: a bool is not a count. Inline, not
+    # a helper: twice a result line (issue 12's bytecode count).
+    return (
+        tokens_in if type(tokens_in) is int and tokens_in > 0 else 0,
+        tokens_out if type(tokens_out) is int and tokens_out > 0 else 0,
+    )

@@ -314,7 +314,10 @@ async def _run_locked(
         prior, journaled = PriorResults(), {}
     intake = _Intake()
     try:
-        async with make_session(config.http) as session, ImageFetcher(rng=rng) as fetcher:
+        async with (
+            make_session(config.http, config.api_key) as session,
+            ImageFetcher(rng=rng) as fetcher,
+        ):
             ctx = make_context(
                 config,
                 session,
@@ -391,7 +394,7 @@ def make_context(
         )
     )
     return RunContext(
-        client=SegmindClient(session, config.base_url, config.api_key),
+        client=SegmindClient(session, config.base_url),
         budget=budget,
         breaker=CircuitBreaker(clock, rng),
         stop=stop,

@@ -445,7 +445,7 @@ async def _serve_locked(config: RunConfig, options: ServeOptions) -> int:
         display.update(ctx, poller)
 
     try:
-        async with make_session(config.http) as session, ImageFetcher() as fetcher:
+        async with make_session(config.http, config.api_key) as session, ImageFetcher() as fetcher:
             ctx = make_context(
                 config,
                 session,

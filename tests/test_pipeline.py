@@ -9,8 +9,9 @@ from typing import Any
 
 import orjson
 import pytest
+from yarl import URL
 
-from batchrunner.api import ApiKey
+from batchrunner.api import ApiKey, HttpSettings, SegmindClient, TransportError, make_session
 from batchrunner.budget import PollsCount
 from batchrunner.journal import journal_path_for
 from batchrunner.runner import RunConfig, RunOutcome, run
@@ -201,6 +202,27 @@ async def test_foreign_status_url_is_never_followed(tmp_path: Path) -> None:
     assert outcome.exit_code == 0
     assert_exactly_once(ids, results)
     assert sum(foreign["requests"].values()) == 0
+
+
+async def test_the_session_sends_the_key_only_to_the_api_origin() -> None:
+    """Every request of the API session carries the key (make_session): the
+    client refuses a URL off its origin before anything is sent."""
+    async with (
+        run_simulator(SimConfig()) as elsewhere,
+        run_simulator(SimConfig(keys=frozenset({KEY}))) as sim,
+        make_session(HttpSettings(), ApiKey(KEY)) as session,
+    ):
+        client = SegmindClient(session, sim.url)
+        foreign = URL(elsewhere.url) / "v2" / "requests" / "abc" / "status"
+        with pytest.raises(TransportError, match="refusing to send the API key") as refused:
+            await client._request("GET", foreign, None)
+        assert refused.value.sent is False
+        assert KEY not in str(refused.value)
+        # An announced URL off the origin is not used: the client's own goes to the API.
+        answer = await client.status("abc", str(foreign))
+        assert answer.status == 404  # the key was accepted (not 401), the id unknown
+        assert sum(elsewhere.stats.snapshot()["requests"].values()) == 0
+        assert sim.stats.snapshot()["requests"]
 
 
 async def test_key_never_written(tmp_path: Path) -> None:
