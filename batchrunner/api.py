@@ -101,12 +101,10 @@ class HttpSettings:
     max_connections: int = 64
 
 
-def same_origin(url: URL, origin: URL) -> bool:
-    return (url.scheme, url.host, url.explicit_port or url.port) == (
-        origin.scheme,
-        origin.host,
-        origin.explicit_port or origin.port,
-    )
+def origin_key(url: URL) -> tuple[str, str | None, int | None]:
+    """What two URLs of one origin share: scheme, host and port (a default port
+    written out or not)."""
+    return url.scheme, url.host, url.explicit_port or url.port
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +201,7 @@ class SegmindClient:
             raise ValueError(f"base URL must be http(s)://host[:port], got {base_url!r}")
         self._session = session
         self._origin = origin.origin()
+        self._origin_key = origin_key(origin)  # every request is checked against it
         self._model_urls: dict[str, URL] = {}
 
     def __repr__(self) -> str:
@@ -247,12 +246,12 @@ class SegmindClient:
                 url = URL(announced)
             except ValueError:
                 return None
-            if same_origin(url, self._origin):  # a relative URL has no host: never the same
+            if origin_key(url) == self._origin_key:  # a relative URL has no host: never ours
                 return url
         return None
 
     async def _request(self, method: str, url: URL, data: bytes | None) -> ApiResponse:
-        if not same_origin(url, self._origin):  # the session's requests carry the key
+        if origin_key(url) != self._origin_key:  # the session's requests carry the key
             raise TransportError(f"refusing to send the API key to {url.origin()}", sent=False)
         try:
             async with self._session.request(
