@@ -5,6 +5,7 @@ the same jobs.
     python benchmarks/bench_budget.py            # full: 300 jobs a scenario, seeds 7 8 9
     python benchmarks/bench_budget.py --quick    # a smoke run: fewer jobs, one seed
     python benchmarks/bench_budget.py --only 3 --seeds 1 2 3 4 5 --no-baselines
+    python benchmarks/bench_budget.py --only 1 --no-baselines --jobs 1000  # a longer run
 
 Each client runs in its own process (benchmarks/budget_clients.py) against a
 fresh simulator process started with the same seed (so the same latency draws
