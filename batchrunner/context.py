@@ -24,7 +24,6 @@ from batchrunner.rerun import FINAL_ERRORS, Decision, Do, Prior
 from batchrunner.schedule import (
     EAGER_SCHEDULE,
     FRUGAL_SCHEDULE,
-    FirstPollAge,
     LatencyModel,
     PollSchedule,
 )
@@ -205,10 +204,6 @@ class RunContext:
     rng: random.Random
     fetcher: ImageFetcher
     """Images given by URL; its own session, which never carries the API key."""
-    first_poll: FirstPollAge = field(
-        default_factory=lambda: FirstPollAge(EAGER_SCHEDULE.first_quantile)
-    )
-    """When polls are free, the age of the first poll (learned from its answers)."""
     retention_s: float = RETENTION_S
     max_retry_after_s: float = MAX_RETRY_AFTER_S
     cache: ResponseCache | None = None

@@ -33,7 +33,7 @@ from batchrunner.policy import (
 )
 from batchrunner.results import errored, expired, result_line, succeeded
 from batchrunner.retrying import send_with_retries
-from batchrunner.schedule import EAGER_SCHEDULE, next_poll_at
+from batchrunner.schedule import next_poll_at
 from batchrunner.stop import Level, Reason
 from batchrunner.submitter import Submission, Submitter, Tracked, release_if_held
 from batchrunner.threads import run_blocking
@@ -130,7 +130,6 @@ class Poller:
             schedule=schedule,
             rng=self.ctx.rng,
             probe=tracked.probe,
-            first_age_s=self.ctx.first_poll.age_s if schedule is EAGER_SCHEDULE else None,
         )
 
     # --- the loop -----------------------------------------------------------
@@ -201,12 +200,6 @@ class Poller:
             deadline=deadline,
         )
         verdict = answer.verdict
-        if answer.requests and answer.sent_at is not None and tracked.polls == 0:
-            # Only while polls are free: when they count, a poll waits for its
-            # token and its answer says little about the age it was meant for.
-            if not tracked.probe and ctx.poll_schedule() is EAGER_SCHEDULE:
-                done = verdict.action in (Action.COMPLETED, Action.JOB_FAILED)
-                ctx.first_poll.observe(answer.sent_at - tracked.submitted_at, done)
         if answer.requests:
             tracked.polls += 1
         if verdict.action is Action.PENDING:

@@ -7,7 +7,6 @@ clock, no I/O.
 from __future__ import annotations
 
 import bisect
-import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -62,39 +61,6 @@ class LatencyModel:
         return {"count": float(self.count), "p50": self.quantile(0.5), "p90": self.quantile(0.9)}
 
 
-class FirstPollAge:
-    """The age at which a share `target` of requests is done, learned from the
-    answers of first polls alone (Robbins-Monro quantile tracking).
-
-    A first poll at age a says only whether the request was done by then. The
-    latency model cannot learn from that without bias: a request found done at
-    its first poll gives an upper bound, and learning the bound as its latency
-    moves the model up, which sends the next first polls later, which finds more
-    requests done (seen with polls free: 52% of first polls found the request
-    done where the schedule meant 30%). Here a done answer lowers the estimate
-    by exp(-step x (1 - target)) and a pending one raises it by exp(step x
-    target): it settles where P(done at the first poll) = target, whatever
-    the latency law.
-    """
-
-    __slots__ = ("age_s", "step", "target")
-
-    def __init__(self, target: float, step: float = 0.1) -> None:
-        self.target = target
-        self.step = step
-        self.age_s: float | None = None
-        """None until the first answer: the latency model's quantile stands in."""
-
-    def observe(self, age_s: float, done: bool) -> None:
-        if age_s <= 0:
-            return
-        if self.age_s is None:
-            self.age_s = age_s
-        elif age_s > 4 * self.age_s:
-            return  # a request resumed from the journal, or a poll held back: no evidence
-        self.age_s *= math.exp(-self.step * ((1.0 if done else 0.0) - self.target))
-
-
 @dataclass(frozen=True, slots=True)
 class PollSchedule:
     """Parameters of the widening poll schedule.
@@ -138,7 +104,6 @@ def next_poll_at(
     schedule: PollSchedule,
     rng: random.Random,
     probe: bool = False,
-    first_age_s: float | None = None,
 ) -> float:
     """Epoch time of the next status poll of one request.
 
@@ -149,11 +114,8 @@ def next_poll_at(
     first_step = median * schedule.first_step_fraction
     min_gap = first_step / 2
     if polls_done == 0:
-        if first_age_s is not None and not probe:  # learned by FirstPollAge
-            when = submitted_at + first_age_s
-        else:
-            quantile = schedule.probe_quantile if probe else schedule.first_quantile
-            when = submitted_at + model.quantile(min(quantile, schedule.first_quantile))
+        quantile = schedule.probe_quantile if probe else schedule.first_quantile
+        when = submitted_at + model.quantile(min(quantile, schedule.first_quantile))
     else:
         exponent = min(polls_done - 1, 64)  # the cap wins long before; avoid overflow
         age = max(0.0, now - submitted_at)
@@ -183,15 +145,14 @@ EAGER_SCHEDULE = PollSchedule(
     first_quantile=0.10, first_step_fraction=0.1, growth=1.2, max_step_fraction=0.13
 )
 """When polls are free: notice a finished request within 0.15 of the mean latency
-(p95) at half the requests of a one-second poller. The first poll goes when 10%
-of requests are done (its age is learned by `FirstPollAge`, not from the
-latency model); then steps of 0.1 of the median, growing 1.2x, at most 0.13 of
-it. Tuned with bench_budget.py scenario 2 (issue 12): before, 0.3 / 0.05 /
-1.3 / 0.1 from the latency model gave p95 0.28 to 0.40 (the first poll found
-52% of requests done where it meant 30%); the learned first-poll age alone,
-32% and p95 0.29; with these steps too and the first poll at 12%, p95 0.141,
-0.156, 0.184 at seeds 7 to 9 (the jobs done before the first poll make the
-tail: 15% to 20% of them, found 2.2 to 2.7 s after done at their p90); at
-10%, 0.140, 0.135, 0.145 at 6.6 requests a job, 0.49x the one-second
-poller's. The bound for p95 0.15 is 5.59 requests a job
-(benchmarks/detection_bound.py --p95-free)."""
+(p95) at half the requests of a one-second poller. The first poll goes at the
+latency model's p10 (about 15% of requests are done by then: the model learns
+the age of the poll that found a request done, at most one re-poll step late);
+then steps of 0.1 of the median, growing 1.2x, at most 0.13 of it. Tuned with
+bench_budget.py scenario 2 (issue 12): p95 0.137 to 0.145 at 6.55 to 6.66
+requests a job, 0.49x to 0.50x the one-second poller's 13.36 (stops 21 to 25).
+A first-poll age learned from first polls' answers alone (Robbins-Monro, a
+tenth of them found done) was tried and removed at stop 25: 0.118 to 0.127 at
+7.12 to 7.15 requests a job (0.53x); aimed at 15% done, 0.136 to 0.160 at
+6.69 to 6.78; its age wanders with each answer, the model's does not. The bound
+for p95 0.15 is 5.59 requests a job (benchmarks/detection_bound.py --p95-free)."""

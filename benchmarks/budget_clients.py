@@ -138,6 +138,7 @@ def scale_batchrunner(scale: float) -> tuple[dict[str, Any], list[str]]:
 
     notes: list[str] = []
     kwargs: dict[str, Any] = {}
+    scaled: dict[int, Any] = {}  # id of a module-level constant -> its scaled copy
     if scale == 1.0:
         return kwargs, notes
     for f in dataclasses.fields(RunConfig):
@@ -167,8 +168,13 @@ def scale_batchrunner(scale: float) -> tuple[dict[str, Any], list[str]]:
                 and not isinstance(value, type)
                 and any(f.name.endswith("_s") for f in dataclasses.fields(value))
             ):
-                # e.g. schedule.FRUGAL_SCHEDULE / EAGER_SCHEDULE (max_step_s, deadline_margin_s)
-                setattr(module, attr, _scaled_durations(value, scale))
+                # e.g. schedule.FRUGAL_SCHEDULE / EAGER_SCHEDULE (max_step_s,
+                # deadline_margin_s). One copy per constant, whichever modules
+                # import it: the package may compare schedules by identity, and a
+                # copy per module broke that (issue 12, stop 25).
+                if id(value) not in scaled:
+                    scaled[id(value)] = _scaled_durations(value, scale)
+                setattr(module, attr, scaled[id(value)])
                 notes.append(f"{name}.{attr} (*_s fields)")
     policy_cls = getattr(budget, "AimdPolicy", None)
     if policy_cls is not None and dataclasses.is_dataclass(policy_cls):

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import replace
-from statistics import NormalDist
 
 import pytest
 
 from batchrunner.schedule import (
     EAGER_SCHEDULE,
     MODEL_PAGE_LATENCY_S,
-    FirstPollAge,
     LatencyModel,
     PollSchedule,
     next_poll_at,
@@ -300,35 +297,3 @@ def test_huge_poll_count_stays_capped() -> None:
     model = warm_model([100.0] * 8)
     now = T0 + 120.0
     assert poll_at(model, 2000, now=now) == pytest.approx(now + 30.0)
-
-
-@pytest.mark.parametrize("target", [0.12, 0.3, 0.85])
-@pytest.mark.parametrize("median", [0.2, 11.2, 300.0])
-def test_first_poll_age_settles_at_the_target_share(target: float, median: float) -> None:
-    """Fed only "done or not at the age it polled", it finds the target quantile
-    of a lognormal latency (sigma 0.35) from a start 3x too late."""
-    rng = random.Random(7)
-    tracker = FirstPollAge(target)
-    tracker.observe(3 * median, done=True)
-    done_late, log_ages = [], []
-    for n in range(4000):
-        assert tracker.age_s is not None
-        age = tracker.age_s
-        done = median * math.exp(rng.gauss(0.0, 0.35)) <= age
-        tracker.observe(age, done)
-        if n >= 2000:
-            done_late.append(done)
-            log_ages.append(math.log(age))
-    assert sum(done_late) / len(done_late) == pytest.approx(target, abs=0.03)
-    # It wanders around the quantile (each answer moves it a few percent).
-    assert math.exp(sum(log_ages) / len(log_ages)) == pytest.approx(
-        median * math.exp(0.35 * NormalDist().inv_cdf(target)), rel=0.08
-    )
-
-
-def test_first_poll_age_ignores_answers_far_past_it() -> None:
-    tracker = FirstPollAge(0.3)
-    tracker.observe(10.0, done=False)
-    before = tracker.age_s
-    tracker.observe(500.0, done=True)  # resumed from the journal: says nothing
-    assert tracker.age_s == before
