@@ -56,6 +56,14 @@ from batchrunner.writer import OutputLock, Writer, describe_os_error
 
 SUBMIT_WORKERS = 16
 
+TICK_S = 0.5
+"""How often `_tick` looks at time-driven stops, re-derives the in-flight limit
+and shows progress. A named duration, so that a time-scaled simulator run
+(benchmarks/budget_clients.py scales every *_S constant) ticks as often in
+model time as a real run does: at 0.05 a literal half second was ten model
+seconds, and the in-flight limit and `FreePollsEvidence` moved 20x slower
+than in a real run."""
+
 
 JobSource = Callable[[], Iterable[Job | InvalidJob]]
 """Makes a fresh iterator over the jobs each call."""
@@ -662,13 +670,13 @@ async def _tick(
     notice: StopNotice,
     adapt: bool,
 ) -> None:
-    """Twice a second: the stops that come from time (grace, outage, the caller),
+    """Every TICK_S: the stops that come from time (grace, outage, the caller),
     the in-flight limit re-derived from learned latency, the progress display."""
     outage = _OutageNotices(notice)
     free_polls = FreePollsEvidence(ctx.budget.rpm)
     dither = InFlightDither()
     while True:
-        await anyio.sleep(0.5)
+        await anyio.sleep(TICK_S)
         now = ctx.clock()
         if ctx.stop.check_grace(anyio.current_time()):
             notice(_stopping_now(ctx, "the grace period is over"))
