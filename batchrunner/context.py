@@ -24,6 +24,7 @@ from batchrunner.rerun import FINAL_ERRORS, Decision, Do, Prior
 from batchrunner.schedule import (
     EAGER_SCHEDULE,
     FRUGAL_SCHEDULE,
+    FirstPollFactor,
     LatencyModel,
     PollSchedule,
 )
@@ -204,6 +205,8 @@ class RunContext:
     rng: random.Random
     fetcher: ImageFetcher
     """Images given by URL; its own session, which never carries the API key."""
+    first_poll: FirstPollFactor = field(default_factory=FirstPollFactor)
+    """When polls are free, the age of the first poll (learned from its answers)."""
     retention_s: float = RETENTION_S
     max_retry_after_s: float = MAX_RETRY_AFTER_S
     cache: ResponseCache | None = None

@@ -130,6 +130,7 @@ class Poller:
             schedule=schedule,
             rng=self.ctx.rng,
             probe=tracked.probe,
+            first_age_factor=self.ctx.first_poll.factor if schedule.first_done_share else 1.0,
         )
 
     # --- the loop -----------------------------------------------------------
@@ -200,6 +201,16 @@ class Poller:
             deadline=deadline,
         )
         verdict = answer.verdict
+        if answer.requests and answer.sent_at is not None and tracked.polls == 0:
+            share = ctx.poll_schedule().first_done_share
+            if share is not None and not tracked.probe:
+                done = verdict.action in (Action.COMPLETED, Action.JOB_FAILED)
+                ctx.first_poll.observe(
+                    answer.sent_at - tracked.submitted_at,
+                    tracked.next_poll_at - tracked.submitted_at,
+                    done,
+                    share,
+                )
         if answer.requests:
             tracked.polls += 1
         if verdict.action is Action.PENDING:

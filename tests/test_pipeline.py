@@ -294,3 +294,32 @@ async def test_submits_whose_answer_never_came_are_counted_as_maybe_paid_twice(
     assert stats["dropped_after_submit"] > 0
     assert stats["duplicate_submits"] == stats["dropped_after_submit"]
     assert outcome.stats.unanswered_submits == stats["dropped_after_submit"]
+
+
+async def test_polls_free_and_an_api_faster_than_the_prior_first_polls_come_down(
+    tmp_path: Path,
+) -> None:
+    """A 4 s API against the model page's 11.2 s prior, polls free. The latency
+    model learns a first poll that finds the request done at the poll's planned
+    age, its own p10: left alone it stays there, and every first poll finds the
+    request long done (97%, detection p50 0.9 mean latencies, issue 12 stop
+    25). `FirstPollFactor` brings the first polls down until some find the
+    request pending, as they should (the schedule aims at 15% done)."""
+    write_jobs(tmp_path / "jobs.jsonl", 300)
+    sim_config = SimConfig(
+        keys=frozenset({KEY}), rpm=300, polls_count=False, latency_mean=4.0, seed=3
+    )
+    async with run_simulator(sim_config) as sim:
+        # 5 submits a second: the first answers come back while jobs still go in.
+        outcome, _ = await run_jobs(
+            sim.url, tmp_path / "jobs.jsonl", rpm=300, polls_count=PollsCount.NO
+        )
+        requests = sorted(
+            sim.stats.snapshot()["per_request"].values(), key=lambda r: r["submitted_at"]
+        )
+    assert outcome.exit_code == 0
+    later = requests[200:]
+    found_at_first_poll = sum(r["status_polls"] == 1 for r in later) / len(later)
+    assert found_at_first_poll < 0.35
+    delays = sorted(r["first_result_at"] - r["done_at"] for r in later)
+    assert delays[len(delays) // 2] < 0.2 * 4.0

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
+from statistics import NormalDist
 
 import pytest
 
 from batchrunner.schedule import (
     EAGER_SCHEDULE,
     MODEL_PAGE_LATENCY_S,
+    FirstPollFactor,
     LatencyModel,
     PollSchedule,
     next_poll_at,
@@ -297,3 +300,60 @@ def test_huge_poll_count_stays_capped() -> None:
     model = warm_model([100.0] * 8)
     now = T0 + 120.0
     assert poll_at(model, 2000, now=now) == pytest.approx(now + 30.0)
+
+
+@pytest.mark.parametrize("target", [0.12, 0.3, 0.85])
+@pytest.mark.parametrize("median", [0.2, 11.2, 300.0])
+def test_first_poll_factor_settles_at_the_target_share(target: float, median: float) -> None:
+    """Fed only "done or not at the age it polled", it scales an age read off a
+    model 3x too slow to the target quantile of a lognormal latency (sigma 0.35)."""
+    rng = random.Random(7)
+    tracker = FirstPollFactor()
+    model_age = 3 * median * math.exp(0.35 * NormalDist().inv_cdf(target))
+    done_late, log_ages = [], []
+    for n in range(6000):
+        age = model_age * tracker.factor
+        done = median * math.exp(rng.gauss(0.0, 0.35)) <= age
+        tracker.observe(age, age, done, target)
+        if n >= 3000:
+            done_late.append(done)
+            log_ages.append(math.log(age))
+    assert sum(done_late) / len(done_late) == pytest.approx(target, abs=0.03)
+    assert math.exp(sum(log_ages) / len(log_ages)) == pytest.approx(
+        median * math.exp(0.35 * NormalDist().inv_cdf(target)), rel=0.08
+    )
+
+
+def test_a_run_of_done_answers_brings_the_first_poll_down_fast() -> None:
+    """A model stuck late (every first poll finds the request done): the factor
+    halves within 20 answers, where the plain step would take over 40."""
+    tracker = FirstPollFactor()
+    for _ in range(20):
+        tracker.observe(10.0, 10.0, True, 0.15)
+    assert tracker.factor < 0.5
+
+
+def test_a_right_model_keeps_the_factor_near_one() -> None:
+    """The model's age already finds 15% done: the factor wanders a few percent
+    around 1 (and a run of done answers, rare at 15%, hardly ever hurries it)."""
+    rng = random.Random(3)
+    tracker = FirstPollFactor()
+    right_age = 11.2 * math.exp(0.35 * NormalDist().inv_cdf(0.15))
+    logs = []
+    for _ in range(6000):
+        age = right_age * tracker.factor
+        tracker.observe(age, age, 11.2 * math.exp(rng.gauss(0.0, 0.35)) <= age, 0.15)
+        logs.append(math.log(tracker.factor))
+    settled = logs[1000:]
+    mean = sum(settled) / len(settled)
+    spread = (sum((x - mean) ** 2 for x in settled) / len(settled)) ** 0.5
+    assert abs(mean) < 0.03
+    assert spread < 0.06
+
+
+def test_first_poll_factor_ignores_answers_far_past_the_plan() -> None:
+    tracker = FirstPollFactor()
+    tracker.observe(10.0, 10.0, False, 0.3)
+    before = tracker.factor
+    tracker.observe(500.0, 10.0, True, 0.3)  # resumed from the journal: says nothing
+    assert tracker.factor == before
