@@ -206,7 +206,7 @@ class RunContext:
     fetcher: ImageFetcher
     """Images given by URL; its own session, which never carries the API key."""
     first_poll: FirstPollFactor = field(default_factory=FirstPollFactor)
-    """When polls are free, the age of the first poll (learned from its answers)."""
+    """When polls are free, the correction to the first poll's age (learned from its answers)."""
     retention_s: float = RETENTION_S
     max_retry_after_s: float = MAX_RETRY_AFTER_S
     cache: ResponseCache | None = None

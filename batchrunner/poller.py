@@ -130,7 +130,9 @@ class Poller:
             schedule=schedule,
             rng=self.ctx.rng,
             probe=tracked.probe,
-            first_age_factor=self.ctx.first_poll.factor if schedule.first_done_share else 1.0,
+            first_age_factor=(
+                1.0 if schedule.first_done_share is None else self.ctx.first_poll.factor
+            ),
         )
 
     # --- the loop -----------------------------------------------------------

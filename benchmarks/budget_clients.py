@@ -170,8 +170,8 @@ def scale_batchrunner(scale: float) -> tuple[dict[str, Any], list[str]]:
             ):
                 # e.g. schedule.FRUGAL_SCHEDULE / EAGER_SCHEDULE (max_step_s,
                 # deadline_margin_s). One copy per constant, whichever modules
-                # import it: the package may compare schedules by identity, and a
-                # copy per module broke that (issue 12, stop 25).
+                # import it, so it stays one object as in a real run (a copy per
+                # module broke an identity check the package had, issue 12 stop 25).
                 if id(value) not in scaled:
                     scaled[id(value)] = _scaled_durations(value, scale)
                 setattr(module, attr, scaled[id(value)])
