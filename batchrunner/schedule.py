@@ -95,7 +95,7 @@ class FirstPollFactor:
             return  # a request resumed from the journal, or a poll held back: no evidence
         self._done_in_a_row = self._done_in_a_row + 1 if done else 0
         # A small step keeps the age steady; a run of done answers that a right
-        # age makes unlikely (under 1e-4: 5 in a row at a target of 0.15) says
+        # age makes unlikely (under 1e-4: 5 in a row at a target of 0.13) says
         # the model is stuck late, and the age comes down five times as fast.
         hurry = self._done_in_a_row >= math.log(1e-4) / math.log(target)
         step = self.step * (5.0 if hurry else 1.0)
@@ -121,8 +121,8 @@ class PollSchedule:
     age_fraction: float = 0.05
     """...or this fraction of the request's age, if that is more (still at most
     max_step_s): a request long past the usual latency is not polled every
-    second for the rest of the hour (EAGER_SCHEDULE's cap alone is 0.13 of the
-    median, about 1.4 s), while the typical ones are still noticed at once
+    second for the rest of the hour (EAGER_SCHEDULE's cap alone is 0.135 of the
+    median, about 1.5 s), while the typical ones are still noticed at once
     (at age 2 medians this is 0.1 of the median)."""
     jitter: float = 0.1
     deadline_margin_s: float = 60.0
@@ -194,22 +194,23 @@ level."""
 
 EAGER_SCHEDULE = PollSchedule(
     first_quantile=0.10,
-    first_step_fraction=0.1,
-    growth=1.2,
-    max_step_fraction=0.13,
-    first_done_share=0.15,
+    first_step_fraction=0.135,
+    max_step_fraction=0.135,
+    jitter=0.0,
+    first_done_share=0.13,
 )
 """When polls are free: notice a finished request within 0.15 of the mean latency
 (p95) at half the requests of a one-second poller. The first poll goes at the
-latency model's p10 times `FirstPollFactor`, which keeps 15% of first polls
-finding the request done (the model alone already does, when it is right: it
-learns the age of the poll that found a request done, at most one re-poll
-step late); then steps of 0.1 of the median, growing 1.2x, at most 0.13 of
-it. Tuned with bench_budget.py scenario 2 (issue 12): p95 0.134 to 0.145 at
-6.55 to 6.68 requests a job with the model's p10 alone, 0.49x to 0.50x the
-one-second poller's 13.36 (stops 21 to 25). An age learned from first polls'
-answers alone (`FirstPollAge`, fb8fc40 to stop 24) never ran in that benchmark (its
-harness broke the identity check that chose it): run as shipped, 0.118 to
-0.127 at 7.12 to 7.15 requests a job (0.53x); aimed at 15% done, 0.136 to
-0.160 at 6.69 to 6.78 (stop 25). The bound for p95 0.15 is 5.59 requests a
-job (benchmarks/detection_bound.py --p95-free)."""
+latency model's p10 times `FirstPollFactor`, which keeps 13% of first polls
+finding the request done; then re-polls every 0.135 of the median, from the
+first re-poll on and without jitter. That is the shape of the best schedule
+for a p95 (benchmarks/detection_bound.py --p95-free): the first poll spends
+the 5% of the p95 on the requests done well before it, and every later gap is
+as wide as the target allows. Steps that grew from 0.1 to 0.13 of the median
+and a 10% jitter (until stop 26) spent polls where most requests finish and
+made the widest gap 10% wider than the typical one: p95 0.133 / 0.133 / 0.149
+at 6.84 / 6.78 / 6.53 requests a job (seeds 7 / 8 / 9, 0.51x / 0.51x / 0.49x
+the one-second poller's 13.36); now 0.128 / 0.131 / 0.131 at 6.50 / 6.58 /
+6.37 (0.49x / 0.49x / 0.48x; bench_budget.py scenario 2, issue 12 stop 26).
+Jitter spreads nothing useful here: polls are free, and requests are submitted
+at different times. The bound for p95 0.15 is 5.59 requests a job."""

@@ -205,13 +205,29 @@ def test_steps_widen_up_to_the_cap(polls_done: int, step: float) -> None:
 
 
 def test_a_request_long_past_the_median_is_polled_by_its_age() -> None:
-    """EAGER's cap is 0.13 of the median (1.3 s here); at an age of 20 medians
+    """EAGER's cap is 0.135 of the median (1.35 s here); at an age of 20 medians
     the step is 0.05 of the age (10 s), and never over max_step_s."""
     model = warm_model([10.0] * 8)
     eager = replace(EAGER_SCHEDULE, jitter=0.0)
-    assert poll_at(model, 30, now=T0 + 15.0, schedule=eager) == pytest.approx(T0 + 16.3)
+    assert poll_at(model, 30, now=T0 + 15.0, schedule=eager) == pytest.approx(T0 + 16.35)
     assert poll_at(model, 30, now=T0 + 200.0, schedule=eager) == pytest.approx(T0 + 210.0)
     assert poll_at(model, 30, now=T0 + 3000.0, schedule=eager) == pytest.approx(T0 + 3030.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eager_re_polls_are_evenly_spaced_from_the_first(seed: int) -> None:
+    """Polls free: every re-poll 0.135 of the median after the last, from the
+    first re-poll on and unjittered (the best schedule for a p95 has even gaps
+    as wide as the target allows; a narrower first gap or a jittered wider one
+    spends polls for nothing, issue 12 stop 26)."""
+    model = warm_model([10.0] * 8)
+    now = T0 + 1.0
+    gaps = []
+    for polls_done in range(1, 8):
+        when = poll_at(model, polls_done, now=now, schedule=EAGER_SCHEDULE, seed=seed)
+        gaps.append(when - now)
+        now = when
+    assert gaps == pytest.approx([1.35] * 7)
 
 
 def test_steps_follow_custom_schedule() -> None:
