@@ -32,30 +32,59 @@ class PollsCount(enum.Enum):
 
 
 LATE_SLACK = 0.5
-"""Share of a request interval by which a late token is made up (see make_limiter)."""
+"""Share of a pacing quantum by which a late token is made up (see make_limiter)."""
+
+TIMER_GRAIN_S = 0.001
+"""The shortest wait the event loop has: epoll takes its timeout in whole
+milliseconds, and asyncio's selector rounds a shorter one up."""
+
+_HAIR = 1e-9
+"""Floating-point slack of a bucket's capacity (see make_limiter)."""
+
+
+def pacing_quantum(rpm: float) -> float:
+    """Tokens the bucket paces as one: a request, or what `rpm` allows in
+    TIMER_GRAIN_S when that is more (above 60,000 rpm).
+
+    Pacing finer than the loop's timer cannot be honoured: at 1,000,000 rpm
+    (an interval of 60 microseconds) the pump slept once a token, 78% of the
+    submits of the capacity benchmark waited on it at a twelfth of the rate,
+    and that pacing was a quarter of the client's CPU (issue 12).
+    """
+    return max(1.0, rpm / 60.0 * TIMER_GRAIN_S)
 
 
 def make_limiter(rpm: float) -> AsyncLimiter:
-    """A leaky bucket of capacity 1.5 leaking rpm/60 per second.
+    """A leaky bucket of capacity 1.5 quanta (1.5 below 60,000 rpm) leaking
+    rpm/60 per second.
 
     A bucket of capacity `rpm` would allow a burst of rpm requests and then the
     steady rate, i.e. up to 2 x rpm in the first minute: a sliding-window server
     answers that with 429s. Capacity 1 paces requests evenly, but loses every
     moment a waiter wakes late (the event loop's timer, a busy loop, a round
     trip to the Ray engine's budget actor): measured 37.9 requests/s of 40 in a
-    local run, 38.3 on Ray. The half slot of slack (LATE_SLACK) makes up a
+    local run, 38.3 on Ray. The half quantum of slack (LATE_SLACK) makes up a
     lateness of up to half an interval at the next token. A token taken from
     an empty (idle) bucket takes the slack too (PriorityGate._wait_token), so
-    the next one never comes early; any minute still holds at most rpm + 1
-    requests (rpm + 1.5, rounded down), as with capacity 1; `WindowLog` holds
-    back the one too many.
-    The capacity gets a hair of slack (1e-9) more because the leak is computed
+    after idling a quantum goes at once and the next token is never early;
+    any minute still holds at most rpm + 1 requests (rpm + 1.5, rounded down)
+    below 60,000 rpm, as with capacity 1, and rpm + 1.5 quanta above;
+    `WindowLog` holds back the ones too many.
+    The capacity gets a hair of slack (_HAIR) more because the leak is computed
     in floating point: 1 - 1.2 * (1 / 1.2) can leave 1e-16 in the bucket, and a
     clock that does not move between checks (virtual time) would then wait
     forever for a zero-length timer.
     """
-    capacity = 1.0 + LATE_SLACK + 1e-9
+    capacity = pacing_quantum(rpm) * (1.0 + LATE_SLACK) + _HAIR
     return AsyncLimiter(capacity, 60.0 / rpm * capacity)
+
+
+def idle_token(limiter: AsyncLimiter) -> float:
+    """What a token from an empty bucket takes: one, and the bucket's slack
+    (what its capacity holds beyond a quantum, see make_limiter); a bucket
+    with no room for both (capacity 1) gives one."""
+    slack = (limiter.max_rate - _HAIR) * LATE_SLACK / (1.0 + LATE_SLACK)
+    return min(limiter.max_rate, 1.0 + slack)
 
 
 class _Waiter:
@@ -141,8 +170,8 @@ class PriorityGate:
             self._paced_by = limiter
         # An empty bucket has been idle, not late: its token takes the slack
         # too, so the next one comes a whole interval later (see make_limiter).
-        idle = limiter.has_capacity(1.0 + LATE_SLACK)
-        await limiter.acquire(1.0 + LATE_SLACK if idle else 1.0)
+        idle = limiter.has_capacity(limiter.max_rate - _HAIR)
+        await limiter.acquire(idle_token(limiter) if idle else 1.0)
         # The loop's clock, which anyio's is on asyncio: anyio.current_time()
         # costs ten times more (2.8 against 0.2 microseconds), once a request.
         self._granted_at = asyncio.get_running_loop().time()

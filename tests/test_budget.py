@@ -27,6 +27,7 @@ from batchrunner.budget import (
     aimd_after_429,
     aimd_after_success,
     make_limiter,
+    pacing_quantum,
 )
 
 
@@ -294,6 +295,45 @@ async def test_concurrent_submits_are_paced(n: int, rpm: float) -> None:
     ordered = sorted(times)
     gaps = [later - earlier for earlier, later in itertools.pairwise(ordered)]
     assert all(gap >= 60.0 / rpm - 0.01 for gap in gaps)  # no burst
+
+
+def test_the_pacing_quantum_is_one_request_until_a_millisecond_holds_more() -> None:
+    assert pacing_quantum(50.0) == 1.0
+    assert pacing_quantum(60_000.0) == 1.0
+    assert pacing_quantum(600_000.0) == pytest.approx(10.0)
+    assert make_limiter(50.0).max_rate == pytest.approx(1.5)
+    assert make_limiter(600_000.0).max_rate == pytest.approx(15.0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("concurrent", [False, True])
+async def test_above_60000_rpm_tokens_are_paced_a_millisecond_at_a_time(concurrent: bool) -> None:
+    """The loop cannot wait less than a millisecond: at 600,000 rpm (10 a
+    millisecond) an idle bucket gives 10 tokens at once, then 10 a
+    millisecond, where pacing each token (an interval of 0.1 ms) gave one at
+    once and put a sleep of the pump behind every other one."""
+    b = loop_budget(600_000.0)
+    start = now()
+    times: list[float] = []
+
+    async def take() -> None:
+        await b.acquire_submit()
+        times.append(now() - start)
+
+    if concurrent:
+        async with anyio.create_task_group() as tg:
+            for _ in range(100):
+                tg.start_soon(take)
+    else:
+        for _ in range(100):
+            await take()
+    assert sum(1 for t in times if t == 0.0) == 10
+    assert max(times) == pytest.approx(90 / 10_000, rel=0.02)
+    # Any window of w seconds holds at most w x the rate + the capacity (15).
+    ordered = sorted(times)
+    for i, first in enumerate(ordered):
+        for j in range(i, len(ordered)):
+            assert j - i + 1 <= (ordered[j] - first) * 10_000 + 15 + 1e-6
 
 
 @pytest.mark.anyio
