@@ -49,9 +49,9 @@ def pacing_quantum(rpm: float) -> float:
     TIMER_GRAIN_MS when that is more (above 60,000 rpm).
 
     Pacing finer than the loop's timer cannot be honoured: at 1,000,000 rpm
-    (an interval of 60 microseconds) the pump slept once a token, 78% of the
-    submits of the capacity benchmark waited on it at a twelfth of the rate,
-    and that pacing was a quarter of the client's CPU (issue 12).
+    (an interval of 60 microseconds) 61 to 78% of the capacity benchmark's
+    submits waited for the pump to sleep out their interval, at an eighth of
+    the rate, and that pacing was a quarter of the client's CPU (issue 12).
     """
     return max(1.0, rpm / 60_000.0 * TIMER_GRAIN_MS)
 
