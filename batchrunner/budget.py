@@ -49,7 +49,7 @@ def pacing_quantum(rpm: float) -> float:
     TIMER_GRAIN_MS when that is more (above 60,000 rpm).
 
     Pacing finer than the loop's timer cannot be honoured: at 1,000,000 rpm
-    (an interval of 60 microseconds) 61 to 78% of the capacity benchmark's
+    (an interval of 60 microseconds) 56 to 77% of the capacity benchmark's
     submits waited for the pump to sleep out their interval, at an eighth of
     the rate, and that pacing was a quarter of the client's CPU (issue 12).
     """
