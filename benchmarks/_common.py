@@ -156,6 +156,58 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+# Peak RSS of a runner alone. ru_maxrss of a child as its parent's os.wait4
+# sees it starts at the parent's own high-water mark: Linux carries the old
+# address space's peak into the process's maxrss at exec (exec_mmap ->
+# setmax_mm_hiwater_rss), and subprocess execs from a vfork of the driver. A
+# driver that once held 200 MB (the simulator's per-request stats, parsed)
+# made a runner of 59 MB report 227 (bench_memory.py, stop 27). So the runner
+# is started by a bare Python launcher (~13 MB) that forks and execs it, and
+# reports the ru_maxrss of that grandchild from its own wait4 (SIGINT is
+# passed on).
+PEAK_RSS_LAUNCHER = r"""
+import os, signal, sys
+report, command = sys.argv[1], sys.argv[2:]
+pid = os.fork()
+if pid == 0:
+    os.execv(command[0], command)
+signal.signal(signal.SIGINT, lambda *_: os.kill(pid, signal.SIGINT))
+with open(report + ".pid", "w") as handle:
+    handle.write(str(pid))
+while True:
+    try:
+        _, status, usage = os.wait4(pid, 0)
+        break
+    except InterruptedError:
+        continue
+with open(report, "w") as handle:
+    handle.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
+def launched_for_peak_rss(command: list[str], report: Path) -> list[str]:
+    """`command` (an absolute executable first) run by PEAK_RSS_LAUNCHER: its
+    own peak RSS goes to `report`, its pid to `report`.pid."""
+    return [sys.executable, "-c", PEAK_RSS_LAUNCHER, str(report), *command]
+
+
+def launched_pid(report: Path) -> int | None:
+    """The pid of a command started by `launched_for_peak_rss`, once known."""
+    try:
+        return int(Path(f"{report}.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def peak_rss_of_launched_mb(report: Path) -> float:
+    """The peak RSS a launched command reached (NaN if its launcher wrote none)."""
+    try:
+        return int(report.read_text()) / 1024  # Linux: kilobytes
+    except (OSError, ValueError):
+        return float("nan")
+
+
 def machine() -> str:
     return (
         f"{os.cpu_count()} cores, Python {platform.python_version()}, "

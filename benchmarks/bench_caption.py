@@ -17,8 +17,8 @@ estimate against the tokens the simulator reports, and peak memory.
    `--max-image-side 256` (images downsized at submit; the estimate predicts
    the resized size). Target: within 10%.
 
-2. Memory. Peak RSS (ru_maxrss of the one child, from os.wait4, as
-   bench_memory.py measures it) of `caption` (the real run, and also
+2. Memory. Peak RSS (the runner's own, from a bare launcher's os.wait4, as
+   bench_memory.py measures it: `_common.PEAK_RSS_LAUNCHER`) of `caption` (the real run, and also
    `--dry-run` and `--write-jobs`, which stream the same source) over a folder
    of 100,000 image files, against the same commands over 1,000 files in the
    same run. Target: the real run under 200 MB at 100,000 files.
@@ -52,7 +52,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, SimProcess, machine, rss_mb, runner_env, simulator
+from _common import (
+    REPO,
+    SimProcess,
+    launched_for_peak_rss,
+    launched_pid,
+    machine,
+    peak_rss_of_launched_mb,
+    rss_mb,
+    runner_env,
+    simulator,
+)
 
 TARGET_MB = 200.0
 TARGET_ESTIMATE = 0.10
@@ -151,41 +161,10 @@ class Measured:
         return self.files / self.wall_s if self.wall_s else 0.0
 
 
-# Peak RSS of the runner alone. ru_maxrss of a child as its parent's os.wait4
-# sees it starts at the parent's own high-water mark: Linux carries the old
-# address space's peak into the process's maxrss at exec (exec_mmap ->
-# setmax_mm_hiwater_rss), and subprocess execs from a vfork of this driver,
-# which holds Pillow, batchrunner and the estimates. So the runner is started
-# by a bare Python launcher (~13 MB) that forks and execs it, and reports the
-# ru_maxrss of that grandchild from its own wait4 (SIGINT is passed on).
-LAUNCHER = r"""
-import os, signal, sys
-report, command = sys.argv[1], sys.argv[2:]
-pid = os.fork()
-if pid == 0:
-    os.execv(command[0], command)
-signal.signal(signal.SIGINT, lambda *_: os.kill(pid, signal.SIGINT))
-with open(report + ".pid", "w") as handle:
-    handle.write(str(pid))
-while True:
-    try:
-        _, status, usage = os.wait4(pid, 0)
-        break
-    except InterruptedError:
-        continue
-with open(report, "w") as handle:
-    handle.write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status) % 256)
-"""
-
-
 def run_measured(label: str, files: int, args: list[str], timeout_s: float, tmp: Path) -> Measured:
     """`python -m batchrunner caption ARGS` in its own process: wall time, peak RSS."""
     report = tmp / f"{label}.maxrss"
-    command = [
-        sys.executable, "-c", LAUNCHER, str(report),
-        sys.executable, "-m", "batchrunner", "caption", *args,
-    ]  # fmt: skip
+    command = launched_for_peak_rss([sys.executable, "-m", "batchrunner", "caption", *args], report)
     env = runner_env()
     env["COLUMNS"] = "160"  # the dry run's rich table, unwrapped
     out_path, err_path = tmp / f"{label}.stdout", tmp / f"{label}.stderr"
@@ -204,20 +183,14 @@ def run_measured(label: str, files: int, args: list[str], timeout_s: float, tmp:
                 timed_out = True
                 process.send_signal(signal.SIGINT)  # passed on: the runner flushes, exits 130
             if runner_pid is None:
-                try:
-                    runner_pid = int(Path(f"{report}.pid").read_text())
-                except (OSError, ValueError):
-                    pass
+                runner_pid = launched_pid(report)
             rss = rss_mb(runner_pid) if runner_pid else None
             if rss is not None:
                 samples.append((elapsed, rss))
             time.sleep(0.2)
         wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
-    try:
-        peak_mb = int(report.read_text()) / 1024  # Linux: kilobytes
-    except (OSError, ValueError):
-        peak_mb = float("nan")
+    peak_mb = peak_rss_of_launched_mb(report)
     return Measured(
         label=label,
         files=files,

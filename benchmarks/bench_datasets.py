@@ -14,7 +14,7 @@ against a baseline measured in the same run.
    (open, draft, exif_transpose, resize LANCZOS, save JPEG q85, b64encode).
    Target: >= 0.8 x cores x the loop's images per second.
 
-3. Memory. Peak RSS (ru_maxrss of the child, os.wait4) of
+3. Memory. Peak RSS (the runner's own; `_common.PEAK_RSS_LAUNCHER`) of
    `batchrunner caption SHARDS --prompt ... --dry-run` over WebDataset shards of
    10,000 and of --big tiny images (the dry run streams every shard and checks
    every image, as a run's reader does), and of the real run through the
@@ -41,7 +41,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import REPO, machine, runner_env
+from _common import (
+    REPO,
+    launched_for_peak_rss,
+    machine,
+    peak_rss_of_launched_mb,
+    runner_env,
+)
 from PIL import Image, ImageOps
 
 sys.path.insert(0, str(REPO))
@@ -171,12 +177,20 @@ def make_shards(folder: Path, images: int, per_shard: int = 10_000) -> str:
 
 
 def peak_rss(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    start = time.perf_counter()
-    child = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    elapsed = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024, elapsed, child.returncode
+    """The command's own peak RSS (MB; see `_common.PEAK_RSS_LAUNCHER`), wall time, exit code."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "maxrss"
+        start = time.perf_counter()
+        child = subprocess.Popen(
+            launched_for_peak_rss(args, report),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, status, _ = os.wait4(child.pid, 0)
+        elapsed = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        return peak_rss_of_launched_mb(report), elapsed, child.returncode
 
 
 def memory(sizes: list[int], real: list[int]) -> None:

@@ -5,7 +5,8 @@ This feeds N caption jobs (images given by local path: a handful of small real
 images reused by every line) through the real command line, in its own
 process, against the simulator in another process (time-scaled so the 11.2 s
 model latency is ~11 ms, no server rpm limit, polls free), and reports the
-runner process's peak RSS (ru_maxrss of that one child, from os.wait4) and
+runner process's peak RSS (its own ru_maxrss, from a bare launcher's wait4:
+see `_common.PEAK_RSS_LAUNCHER`) and
 jobs/s. The baseline is the same runner on a small file in the same run: the
 ratio shows whether memory grows with the file.
 
@@ -42,8 +43,11 @@ from _common import (
     REPO,
     SimProcess,
     count_results,
+    launched_for_peak_rss,
+    launched_pid,
     machine,
     make_images,
+    peak_rss_of_launched_mb,
     rss_mb,
     runner_env,
     simulator,
@@ -117,19 +121,27 @@ def run_one(
     approx_result_bytes = None
     samples: list[tuple[float, float]] = []  # (fraction done, RSS MB)
     start = time.perf_counter()
+    report = folder / f"jobs-{lines}.maxrss"
     process = subprocess.Popen(
-        command, cwd=REPO, env=runner_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        launched_for_peak_rss(command, report),
+        cwd=REPO,
+        env=runner_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     timed_out = False
+    runner_pid = None
     while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        pid, status, _ = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         elapsed = time.perf_counter() - start
         if elapsed > timeout_s and not timed_out:
             timed_out = True
-            process.send_signal(signal.SIGINT)  # graceful stop: flushes, exits 130
-        rss = rss_mb(process.pid)
+            process.send_signal(signal.SIGINT)  # passed on: the runner flushes, exits 130
+        if runner_pid is None:
+            runner_pid = launched_pid(report)
+        rss = rss_mb(runner_pid) if runner_pid else None
         try:
             written = out.stat().st_size
         except FileNotFoundError:
@@ -158,7 +170,7 @@ def run_one(
         lines=lines,
         file_mb=size / 1e6,
         wall_s=wall,
-        peak_rss_mb=usage.ru_maxrss / 1024,  # Linux: kilobytes
+        peak_rss_mb=peak_rss_of_launched_mb(report),
         rss_at=rss_at,
         exit_code=process.returncode,
         results=results,
