@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import launched_for_peak_rss, launched_pid, peak_rss_of_launched_mb
 
 REPO = Path(__file__).resolve().parent.parent
 TIME_SCALE = 0.02
@@ -225,28 +230,35 @@ def run_row(row: Row, jobs: int, directory: Path, timeout: float, seed: int) -> 
             "--quiet",
             *row.runner,
         ]
+        report = directory / f"{row.name}.maxrss"
         started = time.monotonic()
         with stderr_path.open("wb") as stderr:
             process = subprocess.Popen(
-                argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+                launched_for_peak_rss(argv, report),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
             )
         exit_code: int | None = None
-        rss_kib = 0
-        while True:  # os.wait4: the child's own peak RSS
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        while True:
+            pid, status, _ = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 exit_code = os.waitstatus_to_exitcode(status)
                 process.returncode = exit_code
-                rss_kib = usage.ru_maxrss
                 break
             if time.monotonic() - started > timeout:
+                runner = launched_pid(report)
+                if runner is not None:
+                    os.kill(runner, signal.SIGKILL)
                 process.kill()
                 process.wait()
                 break
             time.sleep(0.01)
         wall = time.monotonic() - started
         stats = sim_stats(url)
-    outcome = Outcome(row, exit_code, wall_s=wall, peak_rss_mb=rss_kib / 1024)
+    # The runner's own peak (see _common.PEAK_RSS_LAUNCHER); NaN after a timeout.
+    outcome = Outcome(row, exit_code, wall_s=wall, peak_rss_mb=peak_rss_of_launched_mb(report))
     outcome.requests = {k: stats["requests"].get(k, 0) for k in ("submit", "status", "result")}
     outcome.refused = {k: stats["rate_limited"][k] for k in ("submit", "poll")}
     if output.exists():
