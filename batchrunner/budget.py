@@ -70,8 +70,9 @@ def make_limiter(rpm: float) -> AsyncLimiter:
     an empty (idle) bucket takes the slack too (PriorityGate._wait_token), so
     after idling a quantum goes at once and the next token is never early;
     any minute still holds at most rpm + 1 requests (rpm + 1.5, rounded down)
-    below 60,000 rpm, as with capacity 1, and rpm + 1.5 quanta above;
-    `WindowLog` holds back the ones too many.
+    below 60,000 rpm, as with capacity 1, and rpm + 1.5 quanta above (2.5
+    requests in 100,000); `WindowLog` holds back the ones too many where it
+    keeps a window (WINDOW_LOG_MAX).
     The capacity gets a hair of slack (_HAIR) more because the leak is computed
     in floating point: 1 - 1.2 * (1 / 1.2) can leave 1e-16 in the bucket, and a
     clock that does not move between checks (virtual time) would then wait
