@@ -85,13 +85,11 @@ class Schedule:
     gap: float
     growth: float = 1.0
 
-    def ages(self) -> Callable[[int], float]:
-        def age(n: int) -> float:  # the age of poll n (0: the first)
-            if self.growth == 1.0:
-                return self.first + n * self.gap
-            return self.first + self.gap * (self.growth**n - 1) / (self.growth - 1)
-
-        return age
+    def age(self, n: int) -> float:
+        """The age of poll n (0: the first)."""
+        if self.growth == 1.0:
+            return self.first + n * self.gap
+        return self.first + self.gap * (self.growth**n - 1) / (self.growth - 1)
 
 
 EAGER = Schedule(EAGER_FIRST_S, EAGER_GAP_S)
@@ -130,11 +128,11 @@ def run(policy: Callable[[int], Schedule], rng: random.Random) -> Outcome:
                 eager_from.setdefault(job, n)
 
     def poll_at(job: int, n: int) -> float:
-        age = schedule_of[job].ages()
+        schedule = schedule_of[job]
         start = eager_from.get(job)
         if start is not None and n > start:
-            return submitted[job] + age(start) + (n - start) * EAGER_GAP_S
-        return submitted[job] + age(n)
+            return submitted[job] + schedule.age(start) + (n - start) * EAGER_GAP_S
+        return submitted[job] + schedule.age(n)
 
     while len(detected_at) < JOBS:
         next_poll = polls[0][0] if polls else math.inf
